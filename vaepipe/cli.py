@@ -1,0 +1,155 @@
+"""The command line: thin commands over the shared runner. Only this module turns errors into exit codes."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import __version__
+from .encode import CODECS, EncodeOptions
+from .errors import BadInput, VaepipeError
+from .progress import Reporter
+from .runner import DecodeOptions, Session
+
+app = typer.Typer(
+    name="vaepipe",
+    help="Decode video-diffusion latents into video: exact, overlapped, bounded memory.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vaepipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Show the version and exit.")] = False) -> None:
+    pass
+
+
+def fail(error: BaseException, reporter: Reporter | None = None) -> typer.Exit:
+    """Show an error as one sentence on stderr and give the exit code: 2 bad input, 1 failure, 130 Ctrl-C."""
+    from rich.console import Console
+
+    console = reporter.progress.console if reporter and not reporter.quiet else Console(stderr=True)
+    if isinstance(error, KeyboardInterrupt):
+        console.print("[red]interrupted[/]: no partial output was left behind")
+        return typer.Exit(130)
+    console.print(f"error: {error}", style="red", highlight=False, markup=False)
+    return typer.Exit(error.exit_code)
+
+
+# Options shared by decode and batch, under the same names (dashes become underscores in TOML).
+Vae = Annotated[str | None, typer.Option(help="VAE: random:wan2.1[-tiny], random:wan2.2[-tiny], a diffusers folder, "
+                                               "a cached Hub repo id, or a .safetensors/.pth checkpoint. Default: "
+                                               "the diffusers Wan VAE matching the latents, from the local Hub cache.")]
+Dtype = Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU).")]
+Device = Annotated[str | None, typer.Option(help="cuda, cuda:N or cpu (default: cuda if present).")]
+Chunk = Annotated[int, typer.Option(help="Latent frames per pipeline step.")]
+Buffers = Annotated[int, typer.Option(help="Buffer slots per lane (2 = double buffering).")]
+Sync = Annotated[bool, typer.Option("--sync", help="No overlap: decode, copy, encode one after another.")]
+Fps = Annotated[float | None, typer.Option(help="Frame rate (default: from the latents file, else 16).")]
+Codec = Annotated[str | None, typer.Option(help=f"{', '.join(CODECS)} (default: from the extension; h264).")]
+Crf = Annotated[int, typer.Option(help="Constant-quality level (lower is better).")]
+Preset = Annotated[str, typer.Option(help="Encoder speed preset, in x264's names.")]
+PixFmt = Annotated[str | None, typer.Option("--pix-fmt", help="yuv420p, yuv420p10le, yuv444p, yuv422p10le, "
+                                                               "yuv444p10le or rgb24 (default: the codec's first).")]
+Pad = Annotated[bool, typer.Option("--pad/--no-pad", help="Pad odd sizes by edge replication for 4:2:0/4:2:2.")]
+Denorm = Annotated[bool, typer.Option("--denormalize/--no-denormalize",
+                                      help="Undo the pipeline's latent normalisation (off for raw latents).")]
+Json = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+
+
+@app.command()
+def decode(
+    latents: Annotated[Path, typer.Argument(help="Latents: .pt, .safetensors or .npy, [C,T,H,W] or [B,C,T,H,W].")],
+    output: Annotated[str, typer.Argument(help="Video file (.mp4 .mkv .mov .webm) or a PNG pattern "
+                                               "(frames/%05d.png). A batch of B writes out_0.mp4 … out_{B-1}.mp4.")],
+    vae: Vae = None, dtype: Dtype = None, device: Device = None, chunk: Chunk = 1, buffers: Buffers = 2,
+    sync: Sync = False, fps: Fps = None, codec: Codec = None, crf: Crf = 18, preset: Preset = "medium",
+    pix_fmt: PixFmt = None, pad: Pad = True, denormalize: Denorm = True, json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Decode one latents file into a video through the three-lane pipeline."""
+    reporter = Reporter(quiet=quiet, as_json=json_out)
+    try:
+        options = DecodeOptions(vae=vae, dtype=dtype, device=device, chunk=chunk, buffers=buffers, sync=sync,
+                                denormalize=denormalize)
+        encode = EncodeOptions(codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, fps=fps, pad=pad)
+        with reporter:
+            session = Session(reporter)
+            job = session.prepare(latents, output, options, encode)
+            outputs = session.run(job)
+        reporter.summary({"outputs": outputs, "load_s": round(session.load_s, 3)})
+    except (VaepipeError, KeyboardInterrupt) as e:
+        raise fail(e, reporter) from None
+
+
+@app.command("make-latents")
+def make_latents(
+    output: Annotated[Path, typer.Argument(help="Where to write the latents (.pt, .safetensors or .npy).")],
+    size: Annotated[str, typer.Option(help="Video size the latents decode to: HEIGHTxWIDTHxFRAMES.")] = "480x832x81",
+    channels: Annotated[int, typer.Option(help="Latent channels: 16 (Wan 2.1) or 48 (Wan 2.2).")] = 16,
+    batch: Annotated[int, typer.Option(help="Samples in the file.")] = 1,
+    fps: Annotated[float, typer.Option(help="Frame rate stored with the latents.")] = 16.0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write synthetic N(0, 1) latents (as a pipeline with output_type="latent" leaves them) for demos and benches."""
+    from .latents import write_synthetic
+
+    try:
+        shape = write_synthetic(output, size=size, channels=channels, batch=batch, fps=fps, seed=seed)
+    except VaepipeError as e:
+        raise fail(e) from None
+    typer.echo(f"wrote {output}: latents {list(shape)} at {fps:g} fps", err=True)
+
+
+@app.command()
+def info(json_out: Json = False) -> None:
+    """Versions, GPUs, the ffmpeg in use and which encoders really work here (each probed with a real encode)."""
+    import torch
+
+    from .encode import ffmpeg_exe, probe_encoder
+
+    facts: dict = {"vaepipe": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                   "cuda": torch.version.cuda, "gpus": []}
+    try:
+        import diffusers
+
+        facts["diffusers"] = diffusers.__version__
+    except ImportError:
+        facts["diffusers"] = None
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        p = torch.cuda.get_device_properties(i)
+        facts["gpus"].append({"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1)})
+    try:
+        facts["ffmpeg"] = ffmpeg_exe()
+    except VaepipeError as e:
+        raise fail(e) from None
+    facts["encoders"] = {name: dict(zip(("works", "detail"), probe_encoder(spec.encoder), strict=True))
+                         | {"encoder": spec.encoder} for name, spec in CODECS.items()}
+    if json_out:
+        typer.echo(json.dumps(facts, indent=2))
+        return
+    for key in ("vaepipe", "python", "torch", "cuda", "diffusers", "ffmpeg"):
+        typer.echo(f"{key:>10}: {facts[key]}")
+    for gpu in facts["gpus"] or [{"index": "-", "name": "none visible to PyTorch", "memory_gib": 0}]:
+        typer.echo(f"{'gpu':>10}: {gpu['index']} {gpu['name']} {gpu['memory_gib']} GiB")
+    for name, e in facts["encoders"].items():
+        state = "works" if e["works"] else f"fails ({e['detail']})"
+        typer.echo(f"{name:>10}: {e['encoder']}: {state}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,57 @@
+"""Decoding: latents into video, one latent frame at a time, and video into uint8 frames.
+
+For `AutoencoderKLWan` the stream makes exactly the calls of diffusers' `_decode` (post-quant conv on the whole
+latent, then the decoder one latent frame at a time with the causal feature cache), but hands each piece on instead
+of growing one `torch.cat`: memory stays bounded and the concatenated stream is bit-identical to `vae.decode`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+def decode_stream(vae: torch.nn.Module, z: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Yield the decoded video of one sample `z` [1, C, T, H, W] as pieces [1, 3, F, H', W'] in [-1, 1], in order.
+
+    Wan VAEs stream (F = 1 for the first latent frame, then 4 each); any other diffusers VAE decodes whole.
+    """
+    from diffusers import AutoencoderKLWan
+
+    if isinstance(vae, AutoencoderKLWan):
+        yield from _wan_stream(vae, z)
+    else:
+        video = vae.decode(z).sample
+        step = int(vae.config.get("scale_factor_temporal") or 4)
+        for start in range(0, video.shape[2], step):
+            yield video[:, :, start : start + step]
+
+
+def _wan_stream(vae, z: torch.Tensor) -> Iterator[torch.Tensor]:
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
+
+    # Our own feature cache, so the model's `_feat_map` is never touched and two streams could share one model.
+    feat_cache = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
+    patch_size = vae.config.patch_size
+    x = vae.post_quant_conv(z)
+    for i in range(z.shape[2]):
+        out = vae.decoder(x[:, :, i : i + 1], feat_cache=feat_cache, feat_idx=[0], first_chunk=i == 0)
+        if patch_size is not None:
+            out = unpatchify(out, patch_size=patch_size)
+        yield torch.clamp(out, min=-1.0, max=1.0)
+
+
+def to_uint8_frames(video: torch.Tensor, out: torch.Tensor) -> None:
+    """Write video [1, 3, F, H, W] as uint8 frames into `out` [F, H + pad, W + pad, 3], on the video's device.
+
+    The conversion is diffusers' `postprocess_video` in float32 (round half to even); extra rows and columns of
+    `out`, there for chroma subsampling, repeat the last real row and column.
+    """
+    f, h, w = video.shape[2:]
+    u8 = (video[0].float() * 0.5 + 0.5).clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+    out[:f, :h, :w].copy_(u8.permute(1, 2, 3, 0))
+    if out.shape[2] > w:
+        out[:f, :h, w:] = out[:f, :h, w - 1 : w]
+    if out.shape[1] > h:
+        out[:f, h:] = out[:f, h - 1 : h]

@@ -1,0 +1,297 @@
+"""Encoding: raw RGB frames into an ffmpeg subprocess, written beside the destination and renamed into place only
+on success, so a failure or Ctrl-C never leaves a partial file behind."""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+import shutil
+import subprocess
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import BadInput, VaepipeError
+
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+# The speed ladders of the other encoders, indexed like X264_PRESETS (slowest last).
+_SVT_AV1 = (12, 11, 10, 9, 8, 6, 5, 4, 2)
+_VP9_CPU_USED = (8, 7, 6, 5, 4, 3, 2, 1, 0)
+_NVENC = ("p1", "p1", "p2", "p3", "p4", "p5", "p6", "p7", "p7")
+
+PIX_FMTS = ("yuv420p", "yuv420p10le", "yuv444p", "yuv422p10le", "yuv444p10le", "rgb24")
+_CHROMA_420 = {"yuv420p", "yuv420p10le"}
+_CHROMA_422 = {"yuv422p10le"}
+
+
+@dataclass(frozen=True, slots=True)
+class Codec:
+    encoder: str
+    pix_fmts: tuple[str, ...]  # the first one is the default
+    containers: tuple[str, ...]
+    crf_max: int | None  # None: the encoder has no constant-quality knob we map --crf to
+    hardware: bool = False
+
+    def quality_args(self, crf: int, preset: str) -> list[str]:
+        i = X264_PRESETS.index(preset)
+        match self.encoder:
+            case "libx264" | "libx265":
+                return ["-crf", str(crf), "-preset", preset]
+            case "libsvtav1":
+                return ["-crf", str(crf), "-preset", str(_SVT_AV1[i])]
+            case "libvpx-vp9":
+                return ["-crf", str(crf), "-b:v", "0", "-deadline", "good", "-cpu-used", str(_VP9_CPU_USED[i]),
+                        "-row-mt", "1"]
+            case "prores_ks":
+                return ["-profile:v", "3"]  # ProRes 422 HQ: quality is set by the profile, not by a CRF
+            case "ffv1":
+                return ["-level", "3", "-slicecrc", "1"]
+            case "png":
+                return []
+            case _:  # NVENC
+                return ["-rc", "vbr", "-cq", str(crf), "-b:v", "0", "-preset", _NVENC[i]]
+
+
+_VIDEO = (".mp4", ".mkv", ".mov")
+CODECS: dict[str, Codec] = {
+    "h264": Codec("libx264", ("yuv420p", "yuv420p10le", "yuv444p"), _VIDEO, 51),
+    "h265": Codec("libx265", ("yuv420p", "yuv420p10le", "yuv444p"), _VIDEO, 51),
+    "av1": Codec("libsvtav1", ("yuv420p", "yuv420p10le"), (".mp4", ".mkv", ".webm"), 63),
+    "vp9": Codec("libvpx-vp9", ("yuv420p", "yuv420p10le", "yuv444p"), (".mp4", ".mkv", ".webm"), 63),
+    "prores": Codec("prores_ks", ("yuv422p10le", "yuv444p10le"), (".mov", ".mkv"), None),
+    "ffv1": Codec("ffv1", ("rgb24", "yuv420p", "yuv420p10le", "yuv444p"), (".mkv",), None),
+    "png": Codec("png", ("rgb24",), (".png",), None),
+    "h264_nvenc": Codec("h264_nvenc", ("yuv420p", "yuv444p"), _VIDEO, 51, hardware=True),
+    "hevc_nvenc": Codec("hevc_nvenc", ("yuv420p", "yuv420p10le", "yuv444p"), _VIDEO, 51, hardware=True),
+    "av1_nvenc": Codec("av1_nvenc", ("yuv420p", "yuv420p10le"), (".mp4", ".mkv", ".webm"), 51, hardware=True),
+}
+_MUXERS = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".webm": "webm", ".png": "image2"}
+
+
+@dataclass(kw_only=True, slots=True)
+class EncodeOptions:
+    codec: str | None = None
+    """h264, h265, av1, vp9, prores, ffv1, png or an NVENC encoder; None picks from the output's extension."""
+    crf: int = 18
+    """Constant-quality level (lower is better)."""
+    preset: str = "medium"
+    """Speed/size trade-off, in x264's names; mapped onto the other encoders' ladders."""
+    pix_fmt: str | None = None
+    """Output pixel format; None takes the codec's first (yuv420p for the delivery codecs)."""
+    fps: float | None = None
+    """Frame rate; None takes the latents file's fps, else 16."""
+    pad: bool = True
+    """Pad odd sizes by edge replication where the pixel format subsamples chroma."""
+
+    def __post_init__(self) -> None:
+        if self.codec is not None and self.codec not in CODECS:
+            raise BadInput(f"codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.preset not in X264_PRESETS:
+            raise BadInput(f"preset must be one of {', '.join(X264_PRESETS)}, got {self.preset!r}")
+        if self.pix_fmt is not None and self.pix_fmt not in PIX_FMTS:
+            raise BadInput(f"pix_fmt must be one of {', '.join(PIX_FMTS)}, got {self.pix_fmt!r}")
+        if not 0 <= self.crf <= 63:
+            raise BadInput(f"crf must be in 0..63, got {self.crf}")
+        if self.fps is not None and not 0 < self.fps <= 1000:
+            raise BadInput(f"fps must be in (0, 1000], got {self.fps}")
+
+
+@dataclass(frozen=True, slots=True)
+class EncodePlan:
+    """What will be written: resolved codec, format and sizes, checked before any GPU work."""
+
+    dest: Path
+    codec: str
+    pix_fmt: str
+    fps: float
+    width: int  # the decoded frame size
+    height: int
+    pad_right: int  # edge-replicated columns and rows added for chroma subsampling
+    pad_bottom: int
+    crf: int
+    preset: str
+
+    @property
+    def is_sequence(self) -> bool:
+        return self.codec == "png"
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int]:
+        return self.height + self.pad_bottom, self.width + self.pad_right, 3
+
+
+def plan_encode(dest: str | os.PathLike, *, width: int, height: int, fps: float, options: EncodeOptions) -> EncodePlan:
+    """Resolve codec, pixel format and padding for a destination; raise BadInput for any mismatch."""
+    dest = Path(dest)
+    suffix = dest.suffix.lower()
+    if suffix not in _MUXERS:
+        raise BadInput(f"cannot tell the container from {str(dest)!r}: use a name ending in .mp4, .mkv, .mov or .webm,"
+                       " or a PNG sequence pattern such as frames/%05d.png")
+    if suffix == ".png" and "%" not in dest.name:
+        raise BadInput(f"{str(dest)!r} names one PNG file: use a numbered pattern such as frames/%05d.png")
+    codec = options.codec or {".png": "png", ".webm": "vp9"}.get(suffix, "h264")
+    spec = CODECS[codec]
+    if suffix not in spec.containers:
+        raise BadInput(f"codec {codec} cannot be written to a {suffix} file: use one of {', '.join(spec.containers)}"
+                       f" or another --codec")
+    pix_fmt = options.pix_fmt or spec.pix_fmts[0]
+    if pix_fmt not in spec.pix_fmts:
+        raise BadInput(f"codec {codec} does not take pix_fmt {pix_fmt}: use one of {', '.join(spec.pix_fmts)}")
+    if spec.crf_max is not None and options.crf > spec.crf_max:
+        raise BadInput(f"crf must be in 0..{spec.crf_max} for {codec}, got {options.crf}")
+    need_even_w = pix_fmt in _CHROMA_420 | _CHROMA_422
+    need_even_h = pix_fmt in _CHROMA_420
+    pad_right, pad_bottom = int(need_even_w and width % 2), int(need_even_h and height % 2)
+    if (pad_right or pad_bottom) and not options.pad:
+        raise BadInput(f"frames are {width}x{height} but {pix_fmt} needs even sizes: drop --no-pad to pad by edge"
+                       " replication, or use --pix-fmt yuv444p")
+    if spec.hardware:
+        ok, why = probe_encoder(spec.encoder)
+        if not ok:
+            raise BadInput(f"{spec.encoder} does not work on this machine ({why}): use --codec h264 (libx264)")
+    return EncodePlan(dest=dest, codec=codec, pix_fmt=pix_fmt, fps=fps, width=width, height=height,
+                      pad_right=pad_right, pad_bottom=pad_bottom, crf=options.crf, preset=options.preset)
+
+
+def ffmpeg_exe() -> str:
+    """The ffmpeg that imageio-ffmpeg resolves (IMAGEIO_FFMPEG_EXE first, then its bundled binary)."""
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as e:
+        raise BadInput(f"no ffmpeg found ({e}): pip install imageio-ffmpeg, or set IMAGEIO_FFMPEG_EXE") from None
+
+
+@functools.cache
+def probe_encoder(encoder: str) -> tuple[bool, str]:
+    """Encode one real frame: listed encoders (NVENC on an H100, say) can still lack the hardware behind them."""
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-f", "lavfi",
+           "-i", "color=c=gray:s=256x256:r=1", "-frames:v", "1", "-c:v", encoder, "-f", "null", "-"]
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, str(e)
+    lines = run.stderr.strip().splitlines()
+    return run.returncode == 0, (lines[-1] if lines else f"exit code {run.returncode}")
+
+
+def _command(plan: EncodePlan, target: Path) -> list[str]:
+    h, w, _ = plan.frame_shape
+    spec = CODECS[plan.codec]
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
+           "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-framerate", f"{plan.fps:g}", "-i", "pipe:0",
+           "-an", "-c:v", spec.encoder, *spec.quality_args(plan.crf, plan.preset), "-pix_fmt", plan.pix_fmt]
+    if plan.pix_fmt != "rgb24":
+        # swscale converts RGB with BT.601 unless told; convert with BT.709 and say so in the stream.
+        cmd += ["-vf", "scale=out_color_matrix=bt709:out_range=tv", "-colorspace", "bt709",
+                "-color_primaries", "bt709", "-color_trc", "bt709", "-color_range", "tv"]
+    suffix = plan.dest.suffix.lower()
+    if suffix in (".mp4", ".mov"):
+        cmd += ["-movflags", "+faststart"]
+        if plan.codec in ("h265", "hevc_nvenc"):
+            cmd += ["-tag:v", "hvc1"]  # the tag Apple players need for HEVC
+    if plan.is_sequence:
+        cmd += ["-start_number", "0"]  # file N holds frame N
+    return [*cmd, "-f", _MUXERS[suffix], "-y", str(target)]
+
+
+class Encoder:
+    """One ffmpeg process: `write` frames, then `finish` (publish) or `abort` (kill, remove). Not thread-safe:
+    one thread writes."""
+
+    def __init__(self, plan: EncodePlan):
+        self.plan = plan
+        self.frames = 0
+        dest = plan.dest
+        tag = f"vaepipe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if plan.is_sequence:
+            self._final_dir = dest.parent
+            self._tmp = dest.parent.parent / f".{dest.parent.name or 'frames'}.{tag}.part"
+            self._tmp.mkdir(parents=True)
+            target = self._tmp / dest.name
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = dest.parent / f".{dest.name}.{tag}.part"
+            target = self._tmp
+        self._stderr: collections.deque[str] = collections.deque(maxlen=40)
+        try:
+            self._proc = subprocess.Popen(_command(plan, target), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE)
+        except OSError as e:
+            self._remove_tmp()
+            raise VaepipeError(f"could not start ffmpeg: {e}") from None
+        # Drain stderr on its own thread: a full pipe buffer would block ffmpeg and then us.
+        self._drain = threading.Thread(target=self._read_stderr, name="vaepipe-ffmpeg-stderr", daemon=True)
+        self._drain.start()
+
+    def _read_stderr(self) -> None:
+        for line in iter(self._proc.stderr.readline, b""):
+            self._stderr.append(line.decode(errors="replace").rstrip())
+
+    def _failure(self, what: str) -> VaepipeError:
+        self._drain.join(timeout=5)
+        tail = "\n".join(self._stderr)
+        return VaepipeError(f"ffmpeg {what} (exit code {self._proc.returncode})" + (f":\n{tail}" if tail else ""))
+
+    def write(self, frames: torch.Tensor) -> None:
+        """Frames: uint8 [F, H, W, 3] on the CPU, contiguous."""
+        try:
+            self._proc.stdin.write(memoryview(frames.numpy()).cast("B"))
+        except (BrokenPipeError, ValueError, OSError):
+            self._proc.wait()
+            raise self._failure("stopped while receiving frames") from None
+        self.frames += frames.shape[0]
+
+    def finish(self) -> Path:
+        """Close the input, wait for ffmpeg, and move the file into place; on any failure, clean up and raise."""
+        try:
+            try:
+                self._proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            if self._proc.wait() != 0:
+                raise self._failure("failed")
+            self._drain.join()
+            self._publish()
+        except BaseException:
+            self.abort()
+            raise
+        return self.plan.dest
+
+    def abort(self) -> None:
+        """Kill ffmpeg (if it still runs), reap it and remove the temporary output. Safe to call twice."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        for pipe in (self._proc.stdin, self._proc.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        self._remove_tmp()
+
+    def _remove_tmp(self) -> None:
+        if self._tmp.is_dir():
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        else:
+            self._tmp.unlink(missing_ok=True)
+
+    def _publish(self) -> None:
+        if not self.plan.is_sequence:
+            os.replace(self._tmp, self.plan.dest)
+            return
+        # A frame sequence cannot be renamed as one file: move each finished frame into the destination folder.
+        self._final_dir.mkdir(parents=True, exist_ok=True)
+        for frame in sorted(self._tmp.iterdir()):
+            os.replace(frame, self._final_dir / frame.name)
+        self._tmp.rmdir()
+
+    def output_bytes(self) -> int:
+        if self.plan.is_sequence:
+            return sum(f.stat().st_size for f in self._final_dir.glob(f"*{self.plan.dest.suffix}"))
+        return self.plan.dest.stat().st_size

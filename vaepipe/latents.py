@@ -1,0 +1,161 @@
+"""Reading latents: .pt (tensors only, never arbitrary pickles), .safetensors or .npy; checked before any GPU work."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import BadInput
+
+SUFFIXES = (".pt", ".pth", ".safetensors", ".npy")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(slots=True)
+class Latents:
+    tensor: torch.Tensor
+    """[B, C, T, H, W] on the CPU, finite."""
+    fps: float | None
+    """The frame rate stored beside the latents, if any."""
+    path: Path
+
+    def num_frames(self, temporal_factor: int) -> int:
+        """Frames a causal video VAE makes of T latent frames: the first gives one, each later one `temporal_factor`."""
+        return 1 + temporal_factor * (self.tensor.shape[2] - 1)
+
+
+def read_latents(path: str | Path) -> Latents:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"latents file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise BadInput(f"cannot read latents from {str(path)!r}: use a .pt, .safetensors or .npy file")
+    fps = None
+    try:
+        if suffix in (".pt", ".pth"):
+            tensor, fps = _from_torch(path)
+        elif suffix == ".safetensors":
+            tensor, fps = _from_safetensors(path)
+        else:
+            import numpy as np
+
+            tensor = torch.from_numpy(np.load(path, allow_pickle=False))
+    except pickle.UnpicklingError as e:
+        raise BadInput(f"refused to load {str(path)!r}: it holds Python objects other than tensors, and loading"
+                       f" them could run code ({str(e).splitlines()[0]}); save plain tensors") from None
+    except BadInput:
+        raise
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
+        raise BadInput(f"could not read latents from {str(path)!r}: the file is truncated or not a"
+                       f" {suffix} file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return Latents(tensor=_checked(tensor, path), fps=fps, path=path)
+
+
+def _from_torch(path: Path) -> tuple[torch.Tensor, float | None]:
+    # weights_only: a hostile pickle is refused by torch's restricted unpickler instead of being executed.
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, torch.Tensor):
+        return obj, None
+    if isinstance(obj, dict) and isinstance(obj.get("latents"), torch.Tensor):
+        fps = obj.get("fps")
+        if fps is not None and not isinstance(fps, (int, float)):
+            raise BadInput(f"{str(path)!r}: 'fps' must be a number, got {type(fps).__name__}")
+        return obj["latents"], (float(fps) if fps is not None else None)
+    raise BadInput(f"{str(path)!r} holds a {type(obj).__name__}, not latents: save a tensor, or a dict with a"
+                   " 'latents' tensor and an optional 'fps'")
+
+
+def _from_safetensors(path: Path) -> tuple[torch.Tensor, float | None]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            key = "latents" if "latents" in keys else (keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise BadInput(f"{str(path)!r} holds tensors {keys}: name the latents 'latents'")
+            fps = (f.metadata() or {}).get("fps")
+            return f.get_tensor(key), (float(fps) if fps else None)
+    except SafetensorError as e:
+        raise ValueError(str(e)) from None
+
+
+def _checked(t: torch.Tensor, path: Path) -> torch.Tensor:
+    name = str(path)
+    if t.dtype not in _FLOATS:
+        raise BadInput(f"{name!r}: latents must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.dim() == 4:
+        t = t.unsqueeze(0)
+    if t.dim() != 5:
+        raise BadInput(f"{name!r}: latents must be [C, T, H, W] or [B, C, T, H, W], got {tuple(t.shape) = }")
+    if min(t.shape) < 1:
+        raise BadInput(f"{name!r}: latents have an empty dimension, {tuple(t.shape) = }")
+    bad = (~torch.isfinite(t)).sum().item()
+    if bad:
+        raise BadInput(f"{name!r}: latents contain {bad} NaN or Inf values: the diffusion run that made them"
+                       " diverged; regenerate them")
+    return t
+
+
+def check_for_vae(latents: Latents, z_dim: int) -> None:
+    channels = latents.tensor.shape[1]
+    if channels != z_dim:
+        raise BadInput(f"{str(latents.path)!r}: latents have {channels} channels but the VAE expects {z_dim}"
+                       f" (z_dim); pass the matching --vae")
+
+
+def denormalize(z: torch.Tensor, config) -> torch.Tensor:
+    """Undo the pipeline's latent normalisation with the same arithmetic, in the same dtype, as diffusers' Wan
+    pipeline before `vae.decode`: `z / (1 / std) + mean`."""
+    mean, std = config.get("latents_mean"), config.get("latents_std")
+    if mean is not None and std is not None:
+        shape = (1, len(mean), 1, 1, 1)
+        latents_mean = torch.tensor(mean).view(shape).to(z.device, z.dtype)
+        latents_std = 1.0 / torch.tensor(std).view(shape).to(z.device, z.dtype)
+        return z / latents_std + latents_mean
+    scaling = config.get("scaling_factor")
+    if scaling is None:
+        raise BadInput("this VAE's config has neither latents_mean/std nor scaling_factor: pass --no-denormalize"
+                       " if the latents are already raw")
+    z = z / scaling
+    shift = config.get("shift_factor")
+    return z + shift if shift else z
+
+
+def write_synthetic(path: str | Path, *, size: str, channels: int, batch: int = 1, fps: float = 16.0,
+                    seed: int = 0) -> tuple[int, ...]:
+    """Write N(0, 1) latents that decode to `size` (HEIGHTxWIDTHxFRAMES) for a Wan VAE of `channels` (16: 8x
+    spatial, 48: 16x spatial; 4x temporal), as a diffusers pipeline with output_type="latent" leaves them."""
+    scale = {16: 8, 48: 16}.get(channels)
+    if scale is None:
+        raise BadInput(f"channels must be 16 (Wan 2.1) or 48 (Wan 2.2), got {channels}")
+    try:
+        height, width, frames = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise BadInput(f"size must be HEIGHTxWIDTHxFRAMES such as 480x832x81, got {size!r}") from None
+    if height % scale or width % scale or (frames - 1) % 4 or min(height, width, frames) < 1:
+        raise BadInput(f"size {size} does not fit the VAE: height and width must be multiples of {scale}, frames"
+                       " of the form 4k+1 (81, 121…)")
+    shape = (batch, channels, 1 + (frames - 1) // 4, height // scale, width // scale)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth"):
+        torch.save({"latents": latents, "fps": fps}, path)
+    elif suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({"latents": latents}, str(path), metadata={"fps": str(fps)})
+    elif suffix == ".npy":
+        import numpy as np
+
+        np.save(path, latents.numpy())
+    else:
+        raise BadInput(f"cannot write latents to {str(path)!r}: use .pt, .safetensors or .npy")
+    return shape

@@ -1,0 +1,184 @@
+"""The shared runner: latents file -> video file(s), used by `decode`, `batch` and `bench`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .decode import decode_stream
+from .encode import EncodeOptions, Encoder, EncodePlan, plan_encode
+from .errors import BadInput, VaepipeError
+from .latents import Latents, check_for_vae, denormalize, read_latents
+from .pipeline import Buffers, Jitter, LaneStats, run_lanes
+from .progress import Reporter
+from .vae import DEFAULT_REPOS, DTYPES, PRESETS, LoadedVae, load_vae
+
+DEFAULT_FPS = 16.0
+
+
+@dataclass(kw_only=True, slots=True)
+class DecodeOptions:
+    vae: str | None = None
+    """A preset (random:wan2.1…), a diffusers folder, a cached Hub repo id or a checkpoint file; None picks the
+    diffusers Wan VAE matching the latents' channels from the local Hub cache."""
+    dtype: str | None = None
+    """bf16, fp16 or fp32; None: bf16 on CUDA, fp32 on the CPU."""
+    device: str | None = None
+    """cuda, cuda:N or cpu; None: cuda when there is one."""
+    chunk: int = 1
+    """Latent frames per pipeline step (each still decoded one latent frame at a time)."""
+    buffers: int = 2
+    """Slots per lane (VRAM and pinned host buffers)."""
+    sync: bool = False
+    """Decode, copy and encode one after another on one stream (the baseline)."""
+    denormalize: bool = True
+    """Undo the pipeline's latent normalisation before decoding."""
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise BadInput(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not 1 <= self.chunk <= 64:
+            raise BadInput(f"chunk must be in 1..64, got {self.chunk}")
+        if not 2 <= self.buffers <= 8:
+            raise BadInput(f"buffers must be in 2..8, got {self.buffers}")
+        if self.device is not None and not (self.device in ("cpu", "cuda") or self.device.startswith("cuda:")):
+            raise BadInput(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+
+    def torch_device(self) -> torch.device:
+        spec = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if spec.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise BadInput(f"device {spec} asked for, but PyTorch sees no CUDA GPU here: use --device cpu")
+            device = torch.device(spec)
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            if index >= torch.cuda.device_count():
+                raise BadInput(f"device {spec} asked for, but there are {torch.cuda.device_count()} GPUs")
+            return torch.device("cuda", index)
+        return torch.device("cpu")
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        return DTYPES[self.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+
+
+def output_paths(output: str | Path, batch: int) -> list[Path]:
+    """`out.mp4` for one sample; `out_0.mp4`, `out_1.mp4`… for several (for a frame pattern, its folder)."""
+    output = Path(output)
+    if batch == 1:
+        return [output]
+    if "%" in output.name:
+        return [output.parent.with_name(f"{output.parent.name}_{b}") / output.name for b in range(batch)]
+    return [output.with_name(f"{output.stem}_{b}{output.suffix}") for b in range(batch)]
+
+
+class Session:
+    """Holds what is worth keeping between outputs: loaded VAEs (one per source, dtype and device) and the lane
+    buffers. `decode` and `batch` both run through it."""
+
+    def __init__(self, reporter: Reporter | None = None):
+        self.reporter = reporter or Reporter(quiet=True)
+        self.buffers = Buffers()
+        self._vaes: dict[tuple[str, torch.dtype, torch.device], LoadedVae] = {}
+        self.load_s = 0.0
+
+    def vae(self, src: str, dtype: torch.dtype, device: torch.device) -> LoadedVae:
+        key = (src, dtype, device)
+        if key not in self._vaes:
+            t = time.perf_counter()
+            self._vaes[key] = load_vae(src, dtype=dtype, device=device)
+            self.load_s += time.perf_counter() - t
+            vae = self._vaes[key]
+            self.reporter.log(f"VAE {vae.source}, {str(dtype).removeprefix('torch.')} on {device}")
+        return self._vaes[key]
+
+    def prepare(self, latents_path: str | Path, output: str | Path, options: DecodeOptions,
+                encode: EncodeOptions) -> Job:
+        """Read and check everything a decode needs, before any GPU work; raise BadInput on any problem."""
+        latents = read_latents(latents_path)
+        device = options.torch_device()
+        dtype = options.torch_dtype(device)
+        src = options.vae or DEFAULT_REPOS.get(latents.tensor.shape[1])
+        if src is None:
+            raise BadInput(f"latents have {latents.tensor.shape[1]} channels and no default VAE fits: pass --vae")
+        _check_preset_channels(src, latents)
+        b, _, _, h, w = latents.tensor.shape
+        fps = encode.fps or latents.fps or DEFAULT_FPS
+        outputs = output_paths(output, b)
+        vae = self.vae(src, dtype, device)
+        check_for_vae(latents, vae.z_dim)
+        scale = int(vae.model.config.get("scale_factor_spatial") or getattr(vae.model, "spatial_compression_ratio", 8))
+        plans = [plan_encode(o, width=w * scale, height=h * scale, fps=fps, options=encode) for o in outputs]
+        if plans[0].pad_right or plans[0].pad_bottom:
+            self.reporter.log(f"frames are {w * scale}x{h * scale}: padding to even sizes for {plans[0].pix_fmt}"
+                              " by repeating the last column/row (not rescaled)")
+        return Job(latents=latents, vae=vae, plans=plans, options=options)
+
+    def run(self, job: Job, *, jitter: Jitter | None = None) -> list[dict]:
+        """Decode every sample of `job` to its output; return one summary per output."""
+        results = []
+        vae, options = job.vae, job.options
+        frames = job.latents.num_frames(vae.temporal_factor)
+        with torch.inference_mode():
+            for b, plan in enumerate(job.plans):
+                z = job.latents.tensor[b : b + 1].to(vae.device, vae.dtype)
+                if options.denormalize:
+                    z = denormalize(z, vae.model.config)
+                rows = self.reporter.lanes(frames)
+                t = time.perf_counter()
+                encoder = Encoder(plan)
+                try:
+                    stats = run_lanes(_checked_pieces(decode_stream(vae.model, z), plan), encoder,
+                                      device=vae.device, frame_shape=plan.frame_shape,
+                                      frames_per_chunk=options.chunk * vae.temporal_factor, chunk=options.chunk,
+                                      buffers=self.buffers, k=options.buffers, sync=options.sync, progress=rows,
+                                      jitter=jitter)
+                    encoder.finish()
+                except torch.OutOfMemoryError as e:
+                    encoder.abort()
+                    raise VaepipeError(f"out of GPU memory while decoding {plan.dest}: {str(e).splitlines()[0]};"
+                                       " use a smaller --chunk or --buffers, or --dtype bf16") from None
+                except BaseException:
+                    encoder.abort()
+                    raise
+                stats.wall_s = time.perf_counter() - t  # from encoder start to the file in place
+                results.append(_summary(job, plan, stats, encoder.output_bytes()))
+        return results
+
+
+@dataclass(slots=True)
+class Job:
+    latents: Latents
+    vae: LoadedVae
+    plans: list[EncodePlan]
+    options: DecodeOptions
+
+
+def _check_preset_channels(src: str, latents: Latents) -> None:
+    # Catch a preset/latents mismatch before building the model.
+    if src in PRESETS:
+        z_dim = PRESETS[src].get("z_dim", 16)
+        if latents.tensor.shape[1] != z_dim:
+            check_for_vae(latents, z_dim)
+
+
+def _checked_pieces(pieces, plan: EncodePlan):
+    for piece in pieces:
+        if tuple(piece.shape[3:]) != (plan.height, plan.width):
+            raise VaepipeError(f"the VAE made {tuple(piece.shape[3:])} frames, expected {(plan.height, plan.width)}:"
+                               " its spatial scale factor is not the one in its config")
+        yield piece
+
+
+def _summary(job: Job, plan: EncodePlan, stats: LaneStats, size: int) -> dict:
+    return {
+        "output": str(plan.dest), "bytes": size, "frames": stats.frames, "width": plan.width,
+        "height": plan.height, "fps": plan.fps, "codec": plan.codec, "pix_fmt": plan.pix_fmt,
+        "vae": job.vae.source, "dtype": str(job.vae.dtype).removeprefix("torch."), "device": str(job.vae.device),
+        "mode": "sync" if job.options.sync else "pipelined", "chunk": job.options.chunk,
+        "buffers": 1 if job.options.sync else job.options.buffers,
+        "wall_s": round(stats.wall_s, 4), "busy_s": {k: round(v, 4) for k, v in stats.busy_s.items()},
+        "decode_utilization": round(stats.decode_utilization, 4), "vaepipe": __version__,
+    }

@@ -1,0 +1,184 @@
+"""Loading the VAE: a random-weight preset, a diffusers folder, a Hub repo id from the local cache only, or one
+checkpoint file as Wan and ComfyUI ship it."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import BadInput
+
+# The Wan 2.2 (TI2V-5B) VAE config, as published in Wan-AI/Wan2.2-TI2V-5B-Diffusers/vae/config.json.
+_WAN22 = dict(
+    base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+    temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+    scale_factor_spatial=16, scale_factor_temporal=4,
+    latents_mean=[-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813,
+                  0.0891, 0.157, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108,
+                  -0.2158, 0.2502, -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.123, -0.0313,
+                  -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.052, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944,
+                  0.3573, -0.0548, -0.1681, -0.0667],
+    latents_std=[0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.499, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+                 0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+                 0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+                 0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.06, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744],
+)
+_TINY = dict(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+# Random weights, named so that nobody mistakes them for a trained model. The AutoencoderKLWan() defaults are
+# the Wan 2.1 VAE.
+PRESETS: dict[str, dict] = {
+    "random:wan2.1": {},
+    "random:wan2.1-tiny": _TINY,
+    "random:wan2.2": _WAN22,
+    "random:wan2.2-tiny": {**_WAN22, **_TINY, "decoder_base_dim": 16},
+}
+# The VAE that a diffusers Wan pipeline of each latent width uses, looked up in the local Hub cache by default.
+DEFAULT_REPOS = {16: "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 48: "Wan-AI/Wan2.2-TI2V-5B-Diffusers"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(slots=True)
+class LoadedVae:
+    model: torch.nn.Module
+    source: str
+    """What was loaded, for the user: a preset (said to be random), a folder, a repo id or a file."""
+
+    @property
+    def is_wan(self) -> bool:
+        from diffusers import AutoencoderKLWan
+
+        return isinstance(self.model, AutoencoderKLWan)
+
+    @property
+    def z_dim(self) -> int:
+        config = self.model.config
+        return config.get("z_dim") or config.get("latent_channels")
+
+    @property
+    def temporal_factor(self) -> int:
+        config = self.model.config
+        return int(config.get("scale_factor_temporal") or config.get("temporal_compression_ratio") or 4)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_vae(src: str, *, dtype: torch.dtype, device: torch.device) -> LoadedVae:
+    """Load `src` onto `device` in `dtype`, in eval mode. Never touches the network."""
+    if src.startswith("random:"):
+        if src not in PRESETS:
+            raise BadInput(f"unknown preset {src!r}: use one of {', '.join(PRESETS)}")
+        from diffusers import AutoencoderKLWan
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same random weights in every process, so runs are comparable
+            model = AutoencoderKLWan(**PRESETS[src])
+        return _ready(model, f"{src} (random weights, not a trained model)", dtype, device)
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return _ready(_from_folder(path, dtype), str(path), dtype, device)
+    if path.is_file():
+        return _ready(_from_single_file(path, dtype), str(path), dtype, device)
+    if src.count("/") == 1 and not src.startswith((".", "/", "~")):
+        return _ready(_from_folder(_cached_repo(src), dtype), f"{src} (local Hub cache)", dtype, device)
+    raise BadInput(f"--vae {src!r} is neither a folder, a checkpoint file, a Hub repo id (org/name) nor a preset"
+                   f" ({', '.join(PRESETS)})")
+
+
+def _ready(model: torch.nn.Module, source: str, dtype: torch.dtype, device: torch.device) -> LoadedVae:
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # Wan VAEs keep no module in float32: diffusers' warning about `.to` does not apply
+    try:
+        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    finally:
+        logging.set_verbosity(level)
+    return LoadedVae(model=model, source=source)
+
+
+def _cached_repo(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
+        raise BadInput(f"{repo_id} is not in the local Hugging Face cache and vaepipe never downloads: fetch it"
+                       f" first (hf download {repo_id} --include 'vae/*'), or pass --vae FOLDER") from None
+
+
+def _from_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    import diffusers
+
+    for candidate in (folder, folder / "vae"):
+        config = candidate / "config.json"
+        if config.is_file():
+            try:
+                class_name = json.loads(config.read_text())["_class_name"]
+            except (ValueError, KeyError):
+                raise BadInput(f"{config} is not a diffusers model config (no _class_name)") from None
+            cls = getattr(diffusers, class_name, None)
+            if cls is None or not class_name.startswith("Autoencoder"):
+                continue  # a pipeline's model_index.json sits beside other configs; look in vae/
+            try:
+                return cls.from_pretrained(candidate, torch_dtype=dtype, local_files_only=True)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise BadInput(f"could not load the VAE in {candidate}: {e}") from None
+    raise BadInput(f"{folder} holds no diffusers VAE: expected config.json of an Autoencoder* class there or in"
+                   " vae/; pass the VAE folder or the pipeline folder")
+
+
+def _from_single_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """A Wan VAE checkpoint (the original release, ComfyUI's, or diffusers' own keys), mapped through diffusers'
+    single-file loader with the matching config written locally, so nothing is fetched."""
+    from diffusers import AutoencoderKLWan
+
+    if path.suffix.lower() not in (".safetensors", ".pth", ".pt", ".ckpt"):
+        raise BadInput(f"{path} is not a checkpoint: expected .safetensors, .pth, .pt or .ckpt")
+    z_dim = _checkpoint_z_dim(path)
+    # Keys left out of config.json take the class defaults, which are Wan 2.1's.
+    config = {"_class_name": "AutoencoderKLWan", **(_WAN22 if z_dim == 48 else {})}
+    with tempfile.TemporaryDirectory(prefix="vaepipe-config-") as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        try:
+            return AutoencoderKLWan.from_single_file(str(path), config=tmp, torch_dtype=dtype, local_files_only=True)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise BadInput(f"could not load {path} as a Wan VAE checkpoint: {e}") from None
+
+
+def _checkpoint_z_dim(path: Path) -> int:
+    """Wan 2.1 and 2.2 VAEs differ in latent width; read it off the post-quant conv without loading everything."""
+    keys = ("conv2.weight", "post_quant_conv.weight")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    if name.endswith(keys) and _is_post_quant(f.get_slice(name).get_shape()):
+                        return int(f.get_slice(name).get_shape()[0])
+        else:
+            state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            for name, tensor in state.items():
+                if name.endswith(keys) and _is_post_quant(list(tensor.shape)):
+                    return int(tensor.shape[0])
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same user error
+        raise BadInput(f"could not read {path} as a checkpoint: {e}") from None
+    raise BadInput(f"{path} does not look like a Wan VAE checkpoint (no post-quant conv found): pass a diffusers"
+                   " folder with --vae instead")
+
+
+def _is_post_quant(shape: list[int]) -> bool:
+    # A square 1x1x1 conv: residual blocks' conv2 layers have 3x3x3 kernels.
+    return len(shape) == 5 and shape[0] == shape[1] and shape[2:] == [1, 1, 1]
