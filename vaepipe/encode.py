@@ -197,6 +197,8 @@ def _command(plan: EncodePlan, target: Path) -> list[str]:
             cmd += ["-tag:v", "hvc1"]  # the tag Apple players need for HEVC
     if plan.is_sequence:
         cmd += ["-start_number", "0"]  # file N holds frame N
+    # Same frames, same bytes: no random container IDs, creation times or version strings.
+    cmd += ["-fflags", "+bitexact", "-flags:v", "+bitexact"]
     return [*cmd, "-f", _MUXERS[suffix], "-y", str(target)]
 
 

@@ -41,6 +41,8 @@ class LaneStats:
     chunks: int = 0
     wall_s: float = 0.0
     busy_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LANES, 0.0))
+    spans: list[tuple[str, int, float, float]] = field(default_factory=list)
+    """(lane, chunk, start, end) in seconds since the lanes started: the timeline a trace shows."""
 
     @property
     def decode_utilization(self) -> float:
@@ -115,25 +117,28 @@ def _fill_chunk(pieces, chunk: int, out: torch.Tensor, before_first_write: Calla
 def _run_overlapped(pieces, sink, chunk, buffers, lanes, stats, progress, jitter) -> None:
     k = len(buffers.vram)
     slot_free = [threading.Semaphore(1) for _ in range(k)]
-    work: queue.Queue[tuple[int, int] | None] = queue.Queue()
+    work: queue.Queue[tuple[int, int, int] | None] = queue.Queue()
     stop = threading.Event()
     failure: list[BaseException] = []
 
     def encode_lane() -> None:
         try:
             while (item := work.get()) is not None and not stop.is_set():
-                slot, n = item
+                slot, n, index = item
                 lanes.wait_copied(slot, stop)
-                copy_s = lanes.copy_time(slot)
-                stats.busy_s["decode"] += lanes.decode_time(slot)
-                stats.busy_s["copy"] += copy_s
+                for lane in ("decode", "copy"):
+                    start, end = lanes.span(lane, slot)
+                    stats.busy_s[lane] += end - start
+                    stats.spans.append((lane, index, start, end))
                 if progress:
                     progress.advance("copy", n)
                 if jitter:
                     time.sleep(jitter("encode"))
                 t = time.perf_counter()
                 sink.write(buffers.host[slot][:n])
-                stats.busy_s["encode"] += time.perf_counter() - t
+                t_end = time.perf_counter()
+                stats.busy_s["encode"] += t_end - t
+                stats.spans.append(("encode", index, t - lanes.t0, t_end - lanes.t0))
                 if progress:
                     progress.advance("encode", n)
                 slot_free[slot].release()
@@ -159,7 +164,7 @@ def _run_overlapped(pieces, sink, chunk, buffers, lanes, stats, progress, jitter
                 slot_free[slot].release()
                 break
             lanes.copy(slot, n)
-            work.put((slot, n))
+            work.put((slot, n, n_chunk))
             stats.frames += n
             stats.chunks += 1
             if progress:
@@ -181,6 +186,8 @@ def _run_serial(pieces, sink, chunk, buffers, lanes, stats, progress, jitter) ->
     vram, host = buffers.vram[0], buffers.host[0]
     while True:
         t = time.perf_counter()
+        if jitter:
+            time.sleep(jitter("decode"))
         n = _fill_chunk(pieces, chunk, vram, lambda: None)
         lanes.synchronize()
         if n == 0:
@@ -190,8 +197,9 @@ def _run_serial(pieces, sink, chunk, buffers, lanes, stats, progress, jitter) ->
         t2 = time.perf_counter()
         sink.write(host[:n])
         t3 = time.perf_counter()
-        for lane, seconds in zip(LANES, (t1 - t, t2 - t1, t3 - t2), strict=True):
-            stats.busy_s[lane] += seconds
+        for lane, start, end in zip(LANES, (t, t1, t2), (t1, t2, t3), strict=True):
+            stats.busy_s[lane] += end - start
+            stats.spans.append((lane, stats.chunks, start - lanes.t0, end - lanes.t0))
             if progress:
                 progress.advance(lane, n)
         stats.frames += n
@@ -215,6 +223,10 @@ class _CudaLanes:
             return [torch.cuda.Event(enable_timing=True) for _ in range(k)]
 
         self.decode_start, self.decoded, self.copy_start, self.copied = events(), events(), events(), events()
+        # Reference point of the timeline: GPU event times are taken relative to this event, host times to t0.
+        self.origin = torch.cuda.Event(enable_timing=True)
+        self.origin.record(self.compute)
+        self.t0 = time.perf_counter()
 
     def _sleep(self, lane: str) -> None:
         if self.jitter and (seconds := self.jitter(lane)) > 0:
@@ -252,11 +264,10 @@ class _CudaLanes:
     def wait_copied(self, slot: int, stop: threading.Event) -> None:
         self.copied[slot].synchronize()
 
-    def decode_time(self, slot: int) -> float:
-        return self.decode_start[slot].elapsed_time(self.decoded[slot]) / 1e3
-
-    def copy_time(self, slot: int) -> float:
-        return self.copy_start[slot].elapsed_time(self.copied[slot]) / 1e3
+    def span(self, lane: str, slot: int) -> tuple[float, float]:
+        """When `lane` ran on `slot` (its end event has completed), in seconds since t0."""
+        start, end = (self.decode_start, self.decoded) if lane == "decode" else (self.copy_start, self.copied)
+        return self.origin.elapsed_time(start[slot]) / 1e3, self.origin.elapsed_time(end[slot]) / 1e3
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
@@ -276,7 +287,8 @@ class _ThreadLanes:
         self.copied = [threading.Event() for _ in range(k)]
         for e in self.copied:
             e.set()
-        self.times = {lane: [0.0] * k for lane in ("decode", "copy")}
+        self.t0 = time.perf_counter()
+        self.times = {lane: [(0.0, 0.0)] * k for lane in ("decode", "copy")}
         self.error: BaseException | None = None
         self._jobs: queue.Queue[tuple[int, int] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._copy_lane, name="vaepipe-copy", daemon=True)
@@ -288,9 +300,9 @@ class _ThreadLanes:
                 slot, n = job
                 if self.jitter:
                     time.sleep(self.jitter("copy"))
-                t = time.perf_counter()
+                t = time.perf_counter() - self.t0
                 self.buffers.host[slot][:n].copy_(self.buffers.vram[slot][:n])
-                self.times["copy"][slot] = time.perf_counter() - t
+                self.times["copy"][slot] = (t, time.perf_counter() - self.t0)
                 self.copied[slot].set()
         except BaseException as e:  # noqa: BLE001 - raised in the thread that waits on this lane
             self.error = e
@@ -304,10 +316,10 @@ class _ThreadLanes:
         def __enter__(self):
             if self.outer.jitter:
                 time.sleep(self.outer.jitter("decode"))
-            self.t = time.perf_counter()
+            self.t = time.perf_counter() - self.outer.t0
 
         def __exit__(self, *exc):
-            self.outer.times["decode"][self.slot] = time.perf_counter() - self.t
+            self.outer.times["decode"][self.slot] = (self.t, time.perf_counter() - self.outer.t0)
 
     def decode_lane(self, slot: int) -> _Lane:
         return self._Lane(self, slot)
@@ -328,11 +340,8 @@ class _ThreadLanes:
         if self.error:
             raise self.error
 
-    def decode_time(self, slot: int) -> float:
-        return self.times["decode"][slot]
-
-    def copy_time(self, slot: int) -> float:
-        return self.times["copy"][slot]
+    def span(self, lane: str, slot: int) -> tuple[float, float]:
+        return self.times[lane][slot]
 
     def synchronize(self) -> None:
         pass
