@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -151,5 +152,10 @@ def info(json_out: Json = False) -> None:
         typer.echo(f"{name:>10}: {e['encoder']}: {state}")
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM takes the same clean-up path as Ctrl-C
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     app()

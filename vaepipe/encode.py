@@ -211,6 +211,7 @@ class Encoder:
         self.frames = 0
         dest = plan.dest
         tag = f"vaepipe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        _remove_stale_parts(dest)
         if plan.is_sequence:
             self._final_dir = dest.parent
             self._tmp = dest.parent.parent / f".{dest.parent.name or 'frames'}.{tag}.part"
@@ -297,3 +298,22 @@ class Encoder:
         if self.plan.is_sequence:
             return sum(f.stat().st_size for f in self._final_dir.glob(f"*{self.plan.dest.suffix}"))
         return self.plan.dest.stat().st_size
+
+
+def _remove_stale_parts(dest: Path) -> None:
+    """A killed run (SIGKILL, power loss) can leave its hidden temporary output; remove those of dead processes."""
+    folder, name = (dest.parent.parent, dest.parent.name) if "%" in dest.name else (dest.parent, dest.name)
+    for part in folder.glob(f".{name}.vaepipe-*.part"):
+        pid = part.name.removeprefix(f".{name}.vaepipe-").split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(part, ignore_errors=True) if part.is_dir() else part.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
