@@ -23,9 +23,15 @@ def decode_stream(vae: torch.nn.Module, z: torch.Tensor) -> Iterator[torch.Tenso
         yield from _wan_stream(vae, z)
     else:
         video = vae.decode(z).sample
-        step = int(vae.config.get("scale_factor_temporal") or 4)
+        step = frames_per_latent(vae)
         for start in range(0, video.shape[2], step):
             yield video[:, :, start : start + step]
+
+
+def frames_per_latent(vae: torch.nn.Module) -> int:
+    """Frames each latent frame after the first decodes to (the VAE's temporal factor)."""
+    config = vae.config
+    return int(config.get("scale_factor_temporal") or config.get("temporal_compression_ratio") or 4)
 
 
 def _wan_stream(vae, z: torch.Tensor) -> Iterator[torch.Tensor]:

@@ -92,6 +92,9 @@ class Session:
             self.load_s += time.perf_counter() - t
             vae = self._vaes[key]
             self.reporter.log(f"VAE {vae.source}, {str(dtype).removeprefix('torch.')} on {device}")
+            if not vae.is_wan:
+                self.reporter.log(f"warning: {type(vae.model).__name__} has no streaming decode here: it decodes each"
+                                  " clip whole, so memory is not bounded")
         return self._vaes[key]
 
     def prepare(self, latents_path: str | Path, output: str | Path, options: DecodeOptions,

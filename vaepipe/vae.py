@@ -60,8 +60,9 @@ class LoadedVae:
 
     @property
     def temporal_factor(self) -> int:
-        config = self.model.config
-        return int(config.get("scale_factor_temporal") or config.get("temporal_compression_ratio") or 4)
+        from .decode import frames_per_latent
+
+        return frames_per_latent(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -74,6 +75,18 @@ class LoadedVae:
 
 def load_vae(src: str, *, dtype: torch.dtype, device: torch.device) -> LoadedVae:
     """Load `src` onto `device` in `dtype`, in eval mode. Never touches the network."""
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    # diffusers' load-time advice (install accelerate; `.to` and fp32 modules) is not for our users: errors only.
+    logging.set_verbosity_error()
+    try:
+        return _load(src, dtype, device)
+    finally:
+        logging.set_verbosity(level)
+
+
+def _load(src: str, dtype: torch.dtype, device: torch.device) -> LoadedVae:
     if src.startswith("random:"):
         if src not in PRESETS:
             raise BadInput(f"unknown preset {src!r}: use one of {', '.join(PRESETS)}")
@@ -95,14 +108,7 @@ def load_vae(src: str, *, dtype: torch.dtype, device: torch.device) -> LoadedVae
 
 
 def _ready(model: torch.nn.Module, source: str, dtype: torch.dtype, device: torch.device) -> LoadedVae:
-    from diffusers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()  # Wan VAEs keep no module in float32: diffusers' warning about `.to` does not apply
-    try:
-        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    finally:
-        logging.set_verbosity(level)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return LoadedVae(model=model, source=source)
 
 

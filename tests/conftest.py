@@ -1,0 +1,71 @@
+"""Shared helpers: tiny random VAEs, latents files, and ffmpeg decoding a video back to RGB frames."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vaepipe.encode import ffmpeg_exe
+from vaepipe.vae import load_vae
+
+
+def tiny_vae(preset: str = "random:wan2.1-tiny", dtype=torch.float32, device="cpu"):
+    return load_vae(preset, dtype=dtype, device=torch.device(device)).model
+
+
+def write_latents(path: Path, shape, *, seed: int = 0, fps: float | None = None, dtype=torch.float32) -> torch.Tensor:
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    torch.save({"latents": z, "fps": fps} if fps else z, path)
+    return z
+
+
+def diffusers_frames(vae, z: torch.Tensor) -> np.ndarray:
+    """What a diffusers Wan pipeline gives for normalised latents `z` [1, C, T, H, W]: its own denormalisation,
+    `vae.decode`, then `VideoProcessor.postprocess_video(..., output_type="pil")` -> [F, H, W, 3] uint8."""
+    from diffusers.video_processor import VideoProcessor
+
+    z = z.to(vae.device, vae.dtype)
+    mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
+    std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
+    with torch.no_grad():
+        video = vae.decode(z / std + mean, return_dict=False)[0]
+    frames = VideoProcessor(vae_scale_factor=8).postprocess_video(video, output_type="pil")[0]
+    return np.stack([np.asarray(f) for f in frames])
+
+
+def read_video(path: Path) -> np.ndarray:
+    """Decode a video (or PNG pattern) back to RGB frames [F, H, W, 3] with ffmpeg itself."""
+    probe = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True)
+    line = next(line for line in probe.stderr.splitlines() if "Video:" in line)
+    w, h = map(int, re.search(r"\b(\d{2,})x(\d{2,})\b", line).groups())
+    raw = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.uint8).reshape(-1, h, w, 3)
+
+
+def ffmpeg_processes_under(folder: Path) -> list[int]:
+    """PIDs of live processes whose command line mentions `folder` (an ffmpeg writing there, say)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+                state = (entry / "stat").read_text().split()[2]
+            except OSError:
+                continue
+            if str(folder) in cmdline and "ffmpeg" in cmdline and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def latents_file(tmp_path) -> Path:
+    path = tmp_path / "lat.pt"
+    write_latents(path, (16, 3, 3, 5), fps=12.0)
+    return path

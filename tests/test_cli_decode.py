@@ -1,0 +1,153 @@
+"""`vaepipe decode` end to end: real files, real ffmpeg, compared with diffusers frame for frame."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import diffusers_frames, read_video, tiny_vae, write_latents
+from vaepipe import __version__
+from vaepipe.cli import app
+
+runner = CliRunner()
+LOSSLESS = ["--codec", "ffv1", "--pix-fmt", "rgb24", "--device", "cpu", "--dtype", "fp32", "-q"]
+
+
+def decode(*args: str):
+    result = runner.invoke(app, ["decode", *map(str, args)])
+    return result
+
+
+@pytest.mark.parametrize("preset", ["random:wan2.1-tiny", "random:wan2.2-tiny"])
+def test_video_equals_diffusers_decode_and_postprocess_byte_for_byte(tmp_path, preset):
+    channels = 48 if "2.2" in preset else 16
+    z = write_latents(tmp_path / "lat.pt", (channels, 4, 3, 5), seed=1)
+    out = tmp_path / "out.mkv"
+    result = decode(tmp_path / "lat.pt", out, "--vae", preset, *LOSSLESS)
+    assert result.exit_code == 0, result.output
+    got = read_video(out)
+    want = diffusers_frames(tiny_vae(preset), z[None])
+    assert got.shape == want.shape == (13, want.shape[1], want.shape[2], 3)  # 1 + 4 * (4 - 1) frames, in order
+    assert np.array_equal(got, want)
+
+
+def test_sync_pipelined_three_buffers_and_chunks_write_identical_files(tmp_path, latents_file):
+    outputs = {}
+    for name, extra in {"pipelined": [], "sync": ["--sync"], "buffers3": ["--buffers", "3"],
+                        "chunk2": ["--chunk", "2"], "h264": ["--codec", "h264", "--pix-fmt", "yuv420p"]}.items():
+        out = tmp_path / f"{name}.mkv"
+        result = decode(latents_file, out, "--vae", "random:wan2.1-tiny", *LOSSLESS, *extra)
+        assert result.exit_code == 0, result.output
+        outputs[name] = out.read_bytes()
+    h264 = outputs.pop("h264")
+    assert len(set(outputs.values())) == 1
+    assert h264 != outputs["sync"]  # the codec option reached ffmpeg
+
+
+def test_batch_of_two_writes_one_video_per_sample(tmp_path):
+    z = write_latents(tmp_path / "lat.pt", (2, 16, 2, 3, 4), seed=2)
+    result = decode(tmp_path / "lat.pt", tmp_path / "out.mkv", "--vae", "random:wan2.1-tiny", *LOSSLESS)
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "out.mkv").exists()
+    vae = tiny_vae()
+    for b in range(2):
+        assert np.array_equal(read_video(tmp_path / f"out_{b}.mkv"), diffusers_frames(vae, z[b : b + 1]))
+
+
+def test_every_latents_format_gives_the_same_video(tmp_path):
+    from safetensors.torch import save_file
+
+    z = torch.randn(16, 2, 2, 3)
+    torch.save(z, tmp_path / "a.pt")
+    save_file({"latents": z}, str(tmp_path / "b.safetensors"))
+    np.save(tmp_path / "c.npy", z.numpy())
+    videos = set()
+    for name in ("a.pt", "b.safetensors", "c.npy"):
+        result = decode(tmp_path / name, tmp_path / f"{name}.mkv", "--vae", "random:wan2.1-tiny", *LOSSLESS)
+        assert result.exit_code == 0, result.output
+        videos.add((tmp_path / f"{name}.mkv").read_bytes())
+    assert len(videos) == 1
+
+
+def test_no_denormalize_takes_raw_latents(tmp_path):
+    vae = tiny_vae()
+    z = torch.randn(1, 16, 2, 2, 3)
+    mean = torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
+    raw = z / (1.0 / torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)) + mean
+    torch.save(z, tmp_path / "norm.pt")
+    torch.save(raw, tmp_path / "raw.pt")
+    assert decode(tmp_path / "norm.pt", tmp_path / "a.mkv", "--vae", "random:wan2.1-tiny", *LOSSLESS).exit_code == 0
+    assert decode(tmp_path / "raw.pt", tmp_path / "b.mkv", "--vae", "random:wan2.1-tiny", "--no-denormalize",
+                  *LOSSLESS).exit_code == 0
+    assert np.array_equal(read_video(tmp_path / "a.mkv"), read_video(tmp_path / "b.mkv"))
+
+
+def test_png_sequence_holds_every_frame_in_order(tmp_path, latents_file):
+    z = torch.load(latents_file)["latents"]
+    result = decode(latents_file, tmp_path / "frames" / "%05d.png", "--vae", "random:wan2.1-tiny", "--device",
+                    "cpu", "--dtype", "fp32", "-q")
+    assert result.exit_code == 0, result.output
+    files = sorted((tmp_path / "frames").iterdir())
+    assert [f.name for f in files] == [f"{i:05d}.png" for i in range(9)]
+    assert np.array_equal(read_video(tmp_path / "frames" / "%05d.png"), diffusers_frames(tiny_vae(), z[None]))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_h264_mp4_has_bt709_tags_and_the_fps_of_the_latents_file(tmp_path, latents_file):
+    import subprocess
+
+    from vaepipe.encode import ffmpeg_exe
+
+    result = decode(latents_file, tmp_path / "out.mp4", "--vae", "random:wan2.1-tiny", "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+    probe = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(tmp_path / "out.mp4")], capture_output=True,
+                           text=True).stderr
+    assert "h264" in probe and "yuv420p(tv, bt709" in probe and "12 fps" in probe
+    assert read_video(tmp_path / "out.mp4").shape == (9, 24, 40, 3)
+
+
+def test_json_summary_on_stdout(tmp_path, latents_file):
+    result = runner.invoke(app, ["decode", str(latents_file), str(tmp_path / "o.mkv"), "--vae",
+                                 "random:wan2.1-tiny", "--codec", "ffv1", "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    (out,) = summary["outputs"]
+    assert out["frames"] == 9 and out["bytes"] == (tmp_path / "o.mkv").stat().st_size
+    assert set(out["busy_s"]) == {"decode", "copy", "encode"}
+    assert 0 < out["decode_utilization"] <= 1.0 and out["mode"] == "pipelined"
+    assert "random weights" in out["vae"]
+
+
+def test_progress_and_summary_name_the_vae_dtype_and_device(tmp_path, latents_file):
+    result = runner.invoke(app, ["decode", str(latents_file), str(tmp_path / "o.mkv"), "--vae",
+                                 "random:wan2.1-tiny", "--codec", "ffv1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "random:wan2.1-tiny (random weights" in result.output and "float32 on cpu" in result.output
+    assert "decode-lane utilization" in result.output
+
+
+def test_a_diffusers_folder_of_another_vae_uses_the_whole_decode_fallback(tmp_path):
+    from diffusers import AutoencoderKLHunyuanVideo
+    from diffusers.video_processor import VideoProcessor
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo(block_out_channels=(8, 8, 8, 8), latent_channels=4, norm_num_groups=2,
+                                    layers_per_block=1).eval()
+    vae.save_pretrained(tmp_path / "model" / "vae")
+    z = torch.randn(1, 4, 3, 2, 3)
+    torch.save(z, tmp_path / "lat.pt")
+    result = decode(tmp_path / "lat.pt", tmp_path / "o.mkv", "--vae", tmp_path / "model", *LOSSLESS[:-1])
+    assert result.exit_code == 0, result.output
+    assert "memory is not bounded" in result.output
+    with torch.no_grad():
+        video = vae.decode(z / vae.config.scaling_factor).sample
+    want = np.stack([np.asarray(f) for f in VideoProcessor().postprocess_video(video, output_type="pil")[0]])
+    assert np.array_equal(read_video(tmp_path / "o.mkv"), want)
+
+
+def test_version_and_short_help():
+    assert runner.invoke(app, ["--version"]).output.strip() == f"vaepipe {__version__}"
+    result = runner.invoke(app, ["decode", "-h"])
+    assert result.exit_code == 0 and "--buffers" in result.output
