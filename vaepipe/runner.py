@@ -10,10 +10,10 @@ import torch
 
 from . import __version__
 from .decode import decode_stream
-from .encode import EncodeOptions, Encoder, EncodePlan, plan_encode
+from .encode import EncodeOptions, EncodePlan, Encoder, plan_encode
 from .errors import BadInput, VaepipeError
 from .latents import Latents, check_for_vae, denormalize, read_latents
-from .pipeline import Buffers, Jitter, LaneStats, run_lanes
+from .pipeline import Buffers, Jitter, LaneStats, Progress, run_lanes
 from .progress import Reporter
 from .vae import DEFAULT_REPOS, DTYPES, PRESETS, LoadedVae, load_vae
 
@@ -129,26 +129,34 @@ class Session:
                 z = job.latents.tensor[b : b + 1].to(vae.device, vae.dtype)
                 if options.denormalize:
                     z = denormalize(z, vae.model.config)
-                rows = self.reporter.lanes(frames)
-                t = time.perf_counter()
-                encoder = Encoder(plan)
-                try:
-                    stats = run_lanes(_checked_pieces(decode_stream(vae.model, z), plan), encoder,
-                                      device=vae.device, frame_shape=plan.frame_shape,
-                                      frames_per_chunk=options.chunk * vae.temporal_factor, chunk=options.chunk,
-                                      buffers=self.buffers, k=options.buffers, sync=options.sync, progress=rows,
-                                      jitter=jitter)
-                    encoder.finish()
-                except torch.OutOfMemoryError as e:
-                    encoder.abort()
-                    raise VaepipeError(f"out of GPU memory while decoding {plan.dest}: {str(e).splitlines()[0]};"
-                                       " use a smaller --chunk or --buffers, or --dtype bf16") from None
-                except BaseException:
-                    encoder.abort()
-                    raise
-                stats.wall_s = time.perf_counter() - t  # from encoder start to the file in place
-                results.append(_summary(job, plan, stats, encoder.output_bytes()))
+                stats, size = self.decode_sample(vae, z, plan, options, progress=self.reporter.lanes(frames),
+                                                 jitter=jitter)
+                results.append(_summary(job, plan, stats, size))
         return results
+
+    def decode_sample(self, vae: LoadedVae, z: torch.Tensor, plan: EncodePlan, options: DecodeOptions, *,
+                      progress: Progress | None = None, jitter: Jitter | None = None) -> tuple[LaneStats, int]:
+        """Decode one sample `z` [1, C, T, H, W], already on the VAE's device and dtype and denormalised, to
+        `plan.dest`; return the lane stats (wall time from encoder start to the file in place) and the file size.
+        `run` uses it per sample; `bench` calls it directly on latents held in memory."""
+        t = time.perf_counter()
+        encoder = Encoder(plan)
+        try:
+            with torch.inference_mode():
+                stats = run_lanes(_checked_pieces(decode_stream(vae.model, z), plan), encoder, device=vae.device,
+                                  frame_shape=plan.frame_shape, frames_per_chunk=options.chunk * vae.temporal_factor,
+                                  chunk=options.chunk, buffers=self.buffers, k=options.buffers, sync=options.sync,
+                                  progress=progress, jitter=jitter)
+            encoder.finish()
+        except torch.OutOfMemoryError as e:
+            encoder.abort()
+            raise VaepipeError(f"out of GPU memory while decoding {plan.dest}: {str(e).splitlines()[0]};"
+                               " use a smaller --chunk or --buffers, or --dtype bf16") from None
+        except BaseException:
+            encoder.abort()
+            raise
+        stats.wall_s = time.perf_counter() - t  # from encoder start to the file in place
+        return stats, encoder.output_bytes()
 
 
 @dataclass(slots=True)
