@@ -127,9 +127,8 @@ def denormalize(z: torch.Tensor, config) -> torch.Tensor:
     return z + shift if shift else z
 
 
-def write_synthetic(path: str | Path, *, size: str, channels: int, batch: int = 1, fps: float = 16.0,
-                    seed: int = 0) -> tuple[int, ...]:
-    """Write N(0, 1) latents that decode to `size` (HEIGHTxWIDTHxFRAMES) for a Wan VAE of `channels` (16: 8x
+def synthetic_latents(size: str, *, channels: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """N(0, 1) latents [B, C, T, H, W] that decode to `size` (HEIGHTxWIDTHxFRAMES) for a Wan VAE of `channels` (16: 8x
     spatial, 48: 16x spatial; 4x temporal), as a diffusers pipeline with output_type="latent" leaves them."""
     scale = {16: 8, 48: 16}.get(channels)
     if scale is None:
@@ -142,7 +141,14 @@ def write_synthetic(path: str | Path, *, size: str, channels: int, batch: int = 
         raise BadInput(f"size {size} does not fit the VAE: height and width must be multiples of {scale}, frames"
                        " of the form 4k+1 (81, 121…)")
     shape = (batch, channels, 1 + (frames - 1) // 4, height // scale, width // scale)
-    latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def write_synthetic(path: str | Path, *, size: str, channels: int, batch: int = 1, fps: float = 16.0,
+                    seed: int = 0) -> tuple[int, ...]:
+    """Write `synthetic_latents` to `path` (.pt with the fps, .safetensors or .npy); return their shape."""
+    latents = synthetic_latents(size, channels=channels, batch=batch, seed=seed)
+    shape = tuple(latents.shape)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
