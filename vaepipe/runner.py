@@ -152,6 +152,9 @@ class Session:
             encoder.abort()
             raise VaepipeError(f"out of GPU memory while decoding {plan.dest}: {str(e).splitlines()[0]};"
                                " use a smaller --chunk or --buffers, or --dtype bf16") from None
+        except RuntimeError as e:  # from PyTorch: a failed kernel, a corrupt model
+            encoder.abort()
+            raise VaepipeError(f"decoding {plan.dest} failed: {e}") from e
         except BaseException:
             encoder.abort()
             raise
