@@ -271,6 +271,7 @@ class Encoder:
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.wait()
+        self._drain.join(timeout=5)  # ffmpeg is gone, so its stderr is at EOF
         for pipe in (self._proc.stdin, self._proc.stderr):
             try:
                 pipe.close()
