@@ -7,9 +7,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import diffusers_frames, read_video, tiny_vae, write_latents
 from vaepipe import __version__
 from vaepipe.cli import app
+
+from conftest import diffusers_frames, read_video, tiny_vae, write_latents
 
 runner = CliRunner()
 LOSSLESS = ["--codec", "ffv1", "--pix-fmt", "rgb24", "--device", "cpu", "--dtype", "fp32", "-q"]

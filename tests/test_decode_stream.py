@@ -5,8 +5,9 @@ import pytest
 import torch
 from diffusers.video_processor import VideoProcessor
 
-from conftest import tiny_vae
 from vaepipe.decode import decode_stream, to_uint8_frames
+
+from conftest import tiny_vae
 
 
 @pytest.mark.parametrize("preset", ["random:wan2.1-tiny", "random:wan2.2-tiny"])

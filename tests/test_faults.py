@@ -12,12 +12,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import ffmpeg_processes_under, write_latents
 from vaepipe import runner as runner_module
 from vaepipe.cli import app
 from vaepipe.encode import EncodeOptions
 from vaepipe.errors import VaepipeError
 from vaepipe.runner import DecodeOptions, Session
+
+from conftest import ffmpeg_processes_under, write_latents
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,6 +4,7 @@ on success, so a failure or Ctrl-C never leaves a partial file behind."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
 import shutil
@@ -253,10 +254,8 @@ class Encoder:
     def finish(self) -> Path:
         """Close the input, wait for ffmpeg, and move the file into place; on any failure, clean up and raise."""
         try:
-            try:
+            with contextlib.suppress(BrokenPipeError):
                 self._proc.stdin.close()
-            except BrokenPipeError:
-                pass
             if self._proc.wait() != 0:
                 raise self._failure("failed")
             self._drain.join()
@@ -273,10 +272,8 @@ class Encoder:
         self._proc.wait()
         self._drain.join(timeout=5)  # ffmpeg is gone, so its stderr is at EOF
         for pipe in (self._proc.stdin, self._proc.stderr):
-            try:
+            with contextlib.suppress(OSError):
                 pipe.close()
-            except OSError:
-                pass
         self._remove_tmp()
 
     def _remove_tmp(self) -> None:
