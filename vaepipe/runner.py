@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,10 +98,12 @@ class Session:
                                   " clip whole, so memory is not bounded")
         return self._vaes[key]
 
-    def prepare(self, latents_path: str | Path, output: str | Path, options: DecodeOptions,
+    def prepare(self, latents: str | Path | Latents, output: str | Path, options: DecodeOptions,
                 encode: EncodeOptions) -> Job:
-        """Read and check everything a decode needs, before any GPU work; raise BadInput on any problem."""
-        latents = read_latents(latents_path)
+        """Read and check everything a decode needs, before any GPU work; raise BadInput on any problem.
+        `latents` is a path, or latents already read (batch reads the next job's while one decodes)."""
+        if not isinstance(latents, Latents):
+            latents = read_latents(latents)
         device = options.torch_device()
         dtype = options.torch_dtype(device)
         src = options.vae or DEFAULT_REPOS.get(latents.tensor.shape[1])
@@ -121,7 +124,11 @@ class Session:
 
     def run(self, job: Job, *, jitter: Jitter | None = None) -> list[dict]:
         """Decode every sample of `job` to its output; return one summary per output."""
-        results = []
+        return [summarize(job, streamed.plan, *streamed.finish()) for streamed in self.stream(job, jitter=jitter)]
+
+    def stream(self, job: Job, *, jitter: Jitter | None = None) -> Iterator[Streamed]:
+        """Like `run`, but yield each sample once all its frames are in its encoder, before ffmpeg finishes. The
+        caller must `finish()` or `abort()` each; batch finishes them on another thread while the next decodes."""
         vae, options = job.vae, job.options
         frames = job.latents.num_frames(vae.temporal_factor)
         with torch.inference_mode():
@@ -129,16 +136,21 @@ class Session:
                 z = job.latents.tensor[b : b + 1].to(vae.device, vae.dtype)
                 if options.denormalize:
                     z = denormalize(z, vae.model.config)
-                stats, size = self.decode_sample(vae, z, plan, options, progress=self.reporter.lanes(frames),
-                                                 jitter=jitter)
-                results.append(_summary(job, plan, stats, size))
-        return results
+                streamed = self.stream_sample(vae, z, plan, options, progress=self.reporter.lanes(frames),
+                                              jitter=jitter)
+                del z
+                yield streamed
 
     def decode_sample(self, vae: LoadedVae, z: torch.Tensor, plan: EncodePlan, options: DecodeOptions, *,
                       progress: Progress | None = None, jitter: Jitter | None = None) -> tuple[LaneStats, int]:
         """Decode one sample `z` [1, C, T, H, W], already on the VAE's device and dtype and denormalised, to
         `plan.dest`; return the lane stats (wall time from encoder start to the file in place) and the file size.
         `run` uses it per sample; `bench` calls it directly on latents held in memory."""
+        return self.stream_sample(vae, z, plan, options, progress=progress, jitter=jitter).finish()
+
+    def stream_sample(self, vae: LoadedVae, z: torch.Tensor, plan: EncodePlan, options: DecodeOptions, *,
+                      progress: Progress | None = None, jitter: Jitter | None = None) -> Streamed:
+        """`decode_sample` up to the point where every frame is in the encoder; the caller finishes or aborts."""
         t = time.perf_counter()
         encoder = Encoder(plan)
         try:
@@ -147,7 +159,6 @@ class Session:
                                   frame_shape=plan.frame_shape, frames_per_chunk=options.chunk * vae.temporal_factor,
                                   chunk=options.chunk, buffers=self.buffers, k=options.buffers, sync=options.sync,
                                   progress=progress, jitter=jitter)
-            encoder.finish()
         except torch.OutOfMemoryError as e:
             encoder.abort()
             raise VaepipeError(f"out of GPU memory while decoding {plan.dest}: {str(e).splitlines()[0]};"
@@ -158,8 +169,26 @@ class Session:
         except BaseException:
             encoder.abort()
             raise
-        stats.wall_s = time.perf_counter() - t  # from encoder start to the file in place
-        return stats, encoder.output_bytes()
+        return Streamed(plan=plan, encoder=encoder, stats=stats, started=t)
+
+
+@dataclass(slots=True)
+class Streamed:
+    """One sample whose frames are all in its encoder: `finish()` publishes the file, `abort()` drops it."""
+
+    plan: EncodePlan
+    encoder: Encoder
+    stats: LaneStats
+    started: float
+
+    def finish(self) -> tuple[LaneStats, int]:
+        """Wait for ffmpeg and move the file into place (cleaning up on failure); return the stats and its size."""
+        self.encoder.finish()
+        self.stats.wall_s = time.perf_counter() - self.started  # from encoder start to the file in place
+        return self.stats, self.encoder.output_bytes()
+
+    def abort(self) -> None:
+        self.encoder.abort()
 
 
 @dataclass(slots=True)
@@ -186,7 +215,7 @@ def _checked_pieces(pieces, plan: EncodePlan):
         yield piece
 
 
-def _summary(job: Job, plan: EncodePlan, stats: LaneStats, size: int) -> dict:
+def summarize(job: Job, plan: EncodePlan, stats: LaneStats, size: int) -> dict:
     return {
         "output": str(plan.dest), "bytes": size, "frames": stats.frames, "width": plan.width,
         "height": plan.height, "fps": plan.fps, "codec": plan.codec, "pix_fmt": plan.pix_fmt,
