@@ -97,6 +97,116 @@ def decode(
         raise fail(e, reporter) from None
 
 
+@app.command()
+def batch(
+    config: Annotated[Path, typer.Argument(help="Batch config (TOML): \\[defaults] and \\[\\[jobs]]; see configs/.")],
+    shard: Annotated[str | None, typer.Option(help="Take share I of N (0-based: 0/4 … 3/4) without "
+                                                   "torch.distributed, for Slurm arrays or shell loops.")] = None,
+    gpus: Annotated[int | None, typer.Option(help="Start N workers on this host through torchrun's launcher, "
+                                                  "one GPU each (multi-host: torchrun --nnodes … -m vaepipe "
+                                                  "batch).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo jobs the manifest says are done.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved jobs (and what would be "
+                                                            "skipped) and exit.")] = False,
+    manifest: Annotated[Path | None, typer.Option(help="Manifest (JSON Lines) to resume from and write; default: "
+                                                       "CONFIG_STEM.manifest.jsonl beside the config.")] = None,
+    vae: Vae = None, dtype: Dtype = None, device: Device = None, chunk: Chunk = None, buffers: Buffers = None,
+    sync: Sync = None, fps: Fps = None, codec: Codec = None, crf: Crf = None, preset: Preset = None,
+    pix_fmt: PixFmt = None, pad: Pad = None, denormalize: Denorm = None, json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Decode many latents files as one batch: GPU kept busy, bad jobs skipped, resumable, sharded by torchrun.
+
+    Decode options given here override the config's jobs and \\[defaults]. Exit code 1 if any job failed."""
+    from . import batch as runs
+    from .config import load_config
+
+    given = {"vae": vae, "dtype": dtype, "device": device, "chunk": chunk, "buffers": buffers, "sync": sync,
+             "fps": fps, "codec": codec, "crf": crf, "preset": preset, "pix_fmt": pix_fmt, "pad": pad,
+             "denormalize": denormalize}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    reporter = Reporter(quiet=quiet, as_json=json_out)
+    try:
+        cfg = load_config(config, overrides)
+        options = runs.BatchOptions(shard=runs.parse_shard(shard) if shard else None, overwrite=overwrite,
+                                    manifest=manifest)
+        if gpus is not None:
+            _check_gpus(gpus, shard, device)
+        if dry_run:
+            world = runs.World.detect(options.shard)
+            _print_dry_run(runs.dry_run(cfg, options, world), json_out)
+            return
+        if gpus is not None:
+            args = [str(config.resolve()), *_as_args(overrides), *(["--overwrite"] if overwrite else []),
+                    *(["--manifest", str(manifest.resolve())] if manifest else []),
+                    *(["--json"] if json_out else []), *(["--quiet"] if quiet else [])]
+            code = runs.launch(gpus, args)
+            if code:
+                raise typer.Exit(code)
+            return
+        summary, show = runs.run(cfg, options, reporter)
+    except (VaepipeError, KeyboardInterrupt) as e:
+        raise fail(e, reporter) from None
+    if show:
+        reporter.summary(summary)
+        if not quiet:
+            _print_batch(summary, reporter)
+    if summary["jobs"]["failed"]:
+        raise typer.Exit(1)
+
+
+def _check_gpus(gpus: int, shard: str | None, device: str | None) -> None:
+    import torch
+
+    if shard:
+        raise BadInput("--gpus and --shard do not mix: --gpus splits this host's share among its GPUs; use one")
+    if gpus < 1:
+        raise BadInput(f"--gpus must be at least 1, got {gpus}")
+    if device == "cpu":
+        return  # CPU workers: for tests and demos
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > have:
+        raise BadInput(f"--gpus {gpus} asked for, but PyTorch sees {have} CUDA GPUs here: use --gpus {have or 1}"
+                       + (" with --device cpu to run CPU workers" if not have else ""))
+
+
+def _as_args(overrides: dict) -> list[str]:
+    """Command-line options that give `overrides` again (for the workers --gpus starts)."""
+    args = []
+    for key, value in overrides.items():
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            args += [f"--{flag}", str(value)]
+    return args
+
+
+def _print_dry_run(plan: dict, json_out: bool) -> None:
+    if json_out:
+        typer.echo(json.dumps(plan, indent=2))
+        return
+    share = "" if plan["mode"] == "single" else f" (this process: rank {plan['rank']} of {plan['world_size']})"
+    typer.echo(f"{plan['config']}: {plan['total_jobs']} jobs{share}, manifest {plan['manifest']}")
+    for job in plan["jobs"]:
+        opts = " ".join(f"{k}={v}" for k, v in job["options"].items())
+        typer.echo(f"  [{job['index']:>3}] {job['action']:<11} {job['job']}: {job['latents']} -> {job['output']}"
+                   f"  {opts}")
+    runs = sum(j["action"] == "run" for j in plan["jobs"])
+    typer.echo(f"{runs} to run, {len(plan['jobs']) - runs} to skip")
+
+
+def _print_batch(summary: dict, reporter: Reporter) -> None:
+    jobs = summary["jobs"]
+    ratio = summary["decode_busy_ratio"]
+    console = reporter.progress.console
+    console.print(f"{jobs['done']} done, {jobs['failed']} failed, {jobs['skipped']} skipped of {jobs['total']} jobs;"
+                  f" {summary['frames']} frames in {summary['wall_after_load_s']:.2f} s after {summary['load_s']:.2f}"
+                  f" s of model load; decode lane busy {'–' if ratio is None else f'{ratio:.1%}'} of that",
+                  highlight=False)
+    console.print(f"manifest: {summary['manifest']}", highlight=False)
+
+
 @app.command("make-latents")
 def make_latents(
     output: Annotated[Path, typer.Argument(help="Where to write the latents (.pt, .safetensors or .npy).")],
