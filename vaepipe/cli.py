@@ -262,6 +262,42 @@ def info(json_out: Json = False) -> None:
         typer.echo(f"{name:>10}: {e['encoder']}: {state}")
 
 
+@app.command()
+def bench(
+    vae: Annotated[str, typer.Option(help="VAE to time (as for decode).")] = "random:wan2.1",
+    shape: Annotated[str, typer.Option(help="Comma-separated HEIGHTxWIDTHxFRAMES sizes; synthetic latents.")]
+    = "480x832x81,720x1280x81",
+    dtype: Dtype = None, device: Device = None,
+    runs: Annotated[int, typer.Option(help="Timed runs per mode and shape, after one warm-up.")] = 5,
+    modes: Annotated[str, typer.Option(help="Comma-separated: naive (diffusers as users call it), sync, "
+                                            "pipelined.")] = "naive,sync,pipelined",
+    chunk: Chunk = 1, buffers: Buffers = 2,
+    out: Annotated[Path, typer.Option(help="Folder for bench.json, bench.md, videos, traces and plots.")]
+    = Path("bench"),
+    trace: Annotated[bool, typer.Option("--trace", help="Write a Chrome/Perfetto trace per shape and mode.")]
+    = False,
+    plot: Annotated[bool, typer.Option("--plot", help="Write a PNG timeline per shape (needs matplotlib).")]
+    = False,
+    profile: Annotated[bool, typer.Option("--profile/--no-profile", help="One extra profiled run per mode for "
+                                                                         "GPU kernel utilization (CUDA).")] = True,
+    quiet: Quiet = False,
+) -> None:
+    """Time naive diffusers, sync and pipelined decoding to video on the same latents, in one process."""
+    from .bench import BenchOptions, print_table, run_bench
+
+    reporter = Reporter(quiet=quiet)
+    try:
+        options = BenchOptions(vae=vae, shapes=tuple(s.strip() for s in shape.split(",") if s.strip()),
+                               dtype=dtype, device=device, runs=runs,
+                               modes=tuple(m.strip() for m in modes.split(",") if m.strip()), chunk=chunk,
+                               buffers=buffers, out=out, trace=trace, plot=plot, profile=profile)
+        report = run_bench(options, reporter)
+    except (VaepipeError, KeyboardInterrupt) as e:
+        raise fail(e, reporter) from None
+    print_table(report, reporter)
+    reporter.log(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+
+
 def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM takes the same clean-up path as Ctrl-C
 

@@ -1,0 +1,137 @@
+"""`vaepipe bench` on the CPU: the same code as on an H100, on a tiny VAE and a tiny clip, in a few seconds."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from vaepipe.bench import MODES, Sample, busy_fraction, kernel_utilization, memory_check, profiled_utilization
+from vaepipe.cli import app
+
+from conftest import read_video
+
+runner = CliRunner()
+SHAPE = "48x80x9"  # 3 latent frames: chunks of 1, 4 and 4 frames
+HAS_PLOT = importlib.util.find_spec("matplotlib") is not None
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("imageio") is None, reason="naive mode needs imageio")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    args = ["bench", "--device", "cpu", "--vae", "random:wan2.1-tiny", "--shape", SHAPE, "--runs", "2",
+            "--out", str(out), "--trace", *(["--plot"] if HAS_PLOT else [])]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "bench.json").read_text()), result.output
+
+
+def test_bench_reports_every_mode_with_its_measures(bench):
+    out, report, output = bench
+    assert report["settings"]["dtype"] == "fp32" and report["settings"]["device"] == "cpu"
+    assert report["load_s"] > 0
+    (result,) = report["results"]
+    assert result["shape"] == SHAPE and result["frames"] == 9 and result["latents"] == [1, 16, 3, 6, 10]
+    assert list(result["modes"]) == list(MODES)
+    for mode, m in result["modes"].items():
+        assert len(m["wall_s"]["runs"]) == 2 and m["wall_s"]["min"] <= m["wall_s"]["median"] <= m["wall_s"]["max"]
+        assert 0 < m["decode_busy_s"] < m["wall_s"]["max"], mode
+        assert m["warmup_s"] > 0 and m["fps"] == pytest.approx(9 / m["wall_s"]["median"], rel=1e-2)
+        assert m["kernel_utilization"] is None and m["peak_vram_gib"] is None  # no GPU: n/a, not zero
+        assert m["speedup_vs_naive"] > 0 and m["speedup_vs_sync"] > 0
+    assert result["modes"]["naive"]["speedup_vs_naive"] == 1.0
+    assert set(result["modes"]["pipelined"]["stages_s"]) == {"decode", "copy", "encode", "finish"}
+    assert set(result["targets"]) == {"wall_over_decode", "kernel_utilization", "speedup_vs_sync", "speedup_vs_naive"}
+    assert result["targets"]["kernel_utilization"]["met"] is None
+    md = (out / "bench.md").read_text()
+    assert report["command"] in md and "| pipelined |" in md and "| target (pipelined) |" in md
+    assert "pipelined" in output and "bench.json" in output  # the Rich table and where the files went
+
+
+def test_sync_and_pipelined_write_the_same_file_and_naive_the_same_frames(bench):
+    out, report, _ = bench
+    videos = {mode: out / "videos" / f"{SHAPE}-{mode}.mp4" for mode in MODES}
+    assert videos["sync"].read_bytes() == videos["pipelined"].read_bytes()
+    assert report["results"][0]["modes"]["pipelined"]["same_file_as_sync"] is True
+    # naive goes through export_to_video (CRF 25, BT.601, truncating to uint8): the same frames up to codec loss,
+    # in the same order.
+    naive, ours = (read_video(videos[m]).astype(np.int16) for m in ("naive", "pipelined"))
+    assert naive.shape == ours.shape == (9, 48, 80, 3)
+    assert np.abs(naive - ours).mean() < 12
+    nearest = [int(np.argmin([np.abs(frame - other).mean() for other in ours])) for frame in naive]
+    assert nearest == list(range(9))
+
+
+def test_trace_has_one_track_per_lane_and_a_span_per_chunk(bench):
+    out, _, _ = bench
+    for mode, lanes in {"pipelined": ("decode", "copy", "encode"), "sync": ("decode", "copy", "encode"),
+                        "naive": ("decode", "postprocess", "export")}.items():
+        events = json.loads((out / f"trace-{SHAPE}-{mode}.json").read_text())["traceEvents"]
+        tracks = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+        assert sorted(tracks.values()) == sorted(lanes)
+        spans = [e for e in events if e["ph"] == "X"]
+        assert all(e["tid"] in tracks and e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
+        by_lane = {lane: [e for e in spans if tracks[e["tid"]] == lane] for lane in lanes}
+        if mode == "naive":
+            assert all(len(s) == 1 for s in by_lane.values())
+        else:
+            assert len(by_lane["decode"]) == len(by_lane["copy"]) == 3  # one per latent frame (--chunk 1)
+            assert len(by_lane["encode"]) == 4  # and ffmpeg's finish after the last frame
+            assert [e["name"] for e in by_lane["decode"]] == ["decode chunk 0", "decode chunk 1", "decode chunk 2"]
+
+
+@pytest.mark.skipif(not HAS_PLOT, reason="--plot needs matplotlib")
+def test_plot_writes_a_png_timeline(bench):
+    out, report, _ = bench
+    png = out / report["results"][0]["timeline"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kernel_utilization_is_the_union_of_kernels_over_the_job_window():
+    job = {"cat": "user_annotation", "name": "job", "ts": 100.0, "dur": 100.0}
+    kernels = [(90, 20), (105, 10), (140, 20), (150, 20), (195, 30)]  # (ts, dur): overlaps and both edges
+    events = [job, *({"cat": "kernel", "name": "k", "ts": ts, "dur": d} for ts, d in kernels),
+              {"cat": "gpu_memcpy", "name": "Memcpy DtoH", "ts": 120.0, "dur": 20.0}]  # copies are not kernels
+    # covered: 100-115, 140-170, 195-200 -> 50 of 100
+    assert kernel_utilization(events, "job") == pytest.approx(0.5)
+    assert kernel_utilization(events, "another job") is None
+    assert busy_fraction([], 0.0, 1.0) == 0.0
+    assert busy_fraction([(0.0, 2.0), (1.0, 3.0)], 0.0, 4.0) == pytest.approx(0.75)
+
+
+def test_profiled_run_finds_its_window_in_a_real_profiler_trace():
+    # On the CPU no kernel runs, but the annotation that bounds the job must be found: 0.0, not None.
+    def job():
+        torch.randn(64, 64) @ torch.randn(64, 64)
+        return Sample(wall_s=0.01, stages_s={}, spans=[])
+
+    utilization, wall = profiled_utilization(job, torch.device("cpu"))
+    assert utilization == 0.0 and wall == 0.01
+
+
+def test_memory_check_compares_longer_clips_with_the_shortest_of_the_same_size():
+    def result(shape, peak):
+        h, w, f = map(int, shape.split("x"))
+        return {"shape": shape, "height": h, "width": w, "frames": f, "modes": {"pipelined": {"peak_vram_gib": peak}}}
+
+    checks = memory_check([result("480x832x1281", 4.2), result("480x832x81", 4.0), result("720x1280x81", 9.0)])
+    assert checks == [{"shape": "480x832x1281", "against": "480x832x81", "peak_vram_gib": 4.2,
+                       "base_peak_vram_gib": 4.0, "ratio": 1.05, "met": True}]
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--modes", "naive,fast", "modes must be distinct names among naive, sync, pipelined"),
+    ("--runs", "0", "runs must be in 1..100"),
+    ("--shape", "480x832", "shape must be HEIGHTxWIDTHxFRAMES"),
+    ("--shape", "50x80x9", "size 50x80x9 does not fit the VAE"),
+])
+def test_bad_options_exit_2_with_the_fix(tmp_path, option, value, message):
+    out = tmp_path / "bench"
+    result = runner.invoke(app, ["bench", "--device", "cpu", "--vae", "random:wan2.1-tiny", "--shape", "48x80x9",
+                                 "--runs", "1", "--out", str(out), option, value])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not (out / "bench.json").exists()
