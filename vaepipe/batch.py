@@ -210,37 +210,6 @@ def _sha256(dest: Path) -> str | None:
         return None
 
 
-def remove_stale_temps(dest: Path) -> list[Path]:
-    """Remove the temp files (`.NAME.vaepipe-PID-*.part`) that killed runs left for `dest`, if PID is gone."""
-    folder, name = (dest.parent.parent, dest.parent.name) if "%" in dest.name else (dest.parent, dest.name)
-    removed = []
-    for tmp in folder.glob(f".{glob.escape(name)}.vaepipe-*-*.part"):
-        try:
-            pid = int(tmp.name.rsplit(".vaepipe-", 1)[1].split("-")[0])
-        except ValueError:
-            continue
-        if _alive(pid):
-            continue
-        if tmp.is_dir():
-            for f in tmp.iterdir():
-                f.unlink(missing_ok=True)
-            tmp.rmdir()
-        else:
-            tmp.unlink(missing_ok=True)
-        removed.append(tmp)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @dataclass(slots=True)
 class _Fetched:
     skip: bool = False
@@ -343,9 +312,6 @@ class BatchRun:
         error = None
         try:
             job = self.session.prepare(fetched.latents, spec.output, self._decode_options(spec), spec.encode)
-            for plan in job.plans:
-                for tmp in remove_stale_temps(plan.dest):
-                    self.reporter.log(f"removed {tmp.name}, left by a run that was killed")
             for streamed in self.session.stream(job):
                 try:
                     with self._lock:
