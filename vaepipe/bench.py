@@ -10,6 +10,7 @@ and bench.md; `--trace` writes one Chrome/Perfetto trace per shape and mode, `--
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import importlib.util
@@ -179,8 +180,10 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
     }
     reporter.log(f"model load {report['load_s']:.2f} s; timing {', '.join(options.modes)} on {device}"
                  f" ({report['environment']['device']}), {options.runs} runs after one warm-up")
+    # All latents first: a shape that does not fit the VAE fails now, not after minutes of timing.
+    latents = {text: synthetic_latents(text, channels=vae.z_dim, seed=0) for text in options.shapes}
     for text in options.shapes:
-        case = _prepare(Shape.parse(text), vae, sessions, decode_options, options, out)
+        case = _prepare(Shape.parse(text), latents[text], vae, sessions, decode_options, options.modes, out)
         _time(case, options, device, reporter)
         result = _result(case, vae, options)
         report["results"].append(result)
@@ -202,21 +205,19 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
     return report
 
 
-def _prepare(shape: Shape, vae: LoadedVae, sessions: dict[str, Session], decode_options: DecodeOptions,
-             options: BenchOptions, out: Path) -> _Case:
-    latents = synthetic_latents(shape.label, channels=vae.z_dim, seed=0)
+def _prepare(shape: Shape, latents: torch.Tensor, vae: LoadedVae, sessions: dict[str, Session],
+             decode_options: DecodeOptions, modes: tuple[str, ...], out: Path) -> _Case:
     with torch.inference_mode(False), torch.no_grad():  # a plain tensor: naive runs under no_grad, as pipelines do
         z = denormalize(latents.to(vae.device, vae.dtype), vae.model.config)
-    outputs = {mode: out / "videos" / f"{shape.label}-{mode}.mp4" for mode in options.modes}
+    outputs = {mode: out / "videos" / f"{shape.label}-{mode}.mp4" for mode in modes}
     jobs: dict[str, Callable[[], Sample]] = {}
-    for mode in options.modes:
+    for mode in modes:
         if mode == "naive":
             jobs[mode] = lambda dest=outputs[mode]: _naive_job(vae, z, dest)
         else:
             plan = plan_encode(outputs[mode], width=shape.width, height=shape.height, fps=DEFAULT_FPS,
                                options=ENCODE)
-            opts = DecodeOptions(vae=options.vae, dtype=options.dtype, device=options.device, chunk=options.chunk,
-                                 buffers=options.buffers, sync=mode == "sync")
+            opts = dataclasses.replace(decode_options, sync=mode == "sync")
             jobs[mode] = lambda session=sessions[mode], plan=plan, opts=opts: _vaepipe_job(session, vae, z, plan,
                                                                                         opts)
     return _Case(shape=shape, latent_shape=tuple(latents.shape), jobs=jobs, outputs=outputs)
@@ -288,6 +289,7 @@ def _measure(job: Callable[[], Sample], device: torch.device) -> Sample:
 
 def _time(case: _Case, options: BenchOptions, device: torch.device, reporter: Reporter) -> None:
     label = case.shape.label
+    reporter.log(f"{label}: latents {list(case.latent_shape)}, warming up {', '.join(options.modes)}")
     for mode in options.modes:
         case.warmup_s[mode] = _measure(case.jobs[mode], device).wall_s
     reporter.log(f"{label} warm-up: " + " · ".join(f"{m} {s:.2f} s" for m, s in case.warmup_s.items()))
@@ -297,6 +299,8 @@ def _time(case: _Case, options: BenchOptions, device: torch.device, reporter: Re
             case.samples[mode].append(_measure(case.jobs[mode], device))
         reporter.log(f"{label} run {run + 1}/{options.runs}: "
                      + " · ".join(f"{m} {s[-1].wall_s:.2f} s" for m, s in case.samples.items()))
+    if options.profile and device.type == "cuda":
+        reporter.log(f"{label}: one profiled run per mode for GPU kernel utilization")
     for mode in options.modes:
         case.utilization[mode] = case.profiled_wall_s[mode] = None
         if options.profile and device.type == "cuda":
