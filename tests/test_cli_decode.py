@@ -105,7 +105,7 @@ def test_h264_mp4_has_bt709_tags_and_the_fps_of_the_latents_file(tmp_path, laten
     assert result.exit_code == 0, result.output
     probe = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(tmp_path / "out.mp4")], capture_output=True,
                            text=True).stderr
-    assert "h264" in probe and "yuv420p(tv, bt709" in probe and "12 fps" in probe
+    assert "h264" in probe and "yuv420p(tv, bt709, progressive)" in probe and "12 fps" in probe
     assert read_video(tmp_path / "out.mp4").shape == (9, 24, 40, 3)
 
 

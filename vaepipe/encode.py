@@ -189,8 +189,9 @@ def _command(plan: EncodePlan, target: Path) -> list[str]:
            "-an", "-c:v", spec.encoder, *spec.quality_args(plan.crf, plan.preset), "-pix_fmt", plan.pix_fmt]
     if plan.pix_fmt != "rgb24":
         # swscale converts RGB with BT.601 unless told; convert with BT.709 and say so in the stream.
-        cmd += ["-vf", "scale=out_color_matrix=bt709:out_range=tv", "-colorspace", "bt709",
-                "-color_primaries", "bt709", "-color_trc", "bt709", "-color_range", "tv"]
+        # setparams: encoder-side -color_* flags alone leave primaries and transfer unset in the stream.
+        cmd += ["-vf", f"scale=out_color_matrix=bt709:out_range=tv,format={plan.pix_fmt},"
+                "setparams=colorspace=bt709:color_primaries=bt709:color_trc=bt709:range=tv"]
     suffix = plan.dest.suffix.lower()
     if suffix in (".mp4", ".mov"):
         cmd += ["-movflags", "+faststart"]
