@@ -179,7 +179,7 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
         "load_s": round(sessions["pipelined"].load_s, 3), "results": [],
     }
     reporter.log(f"model load {report['load_s']:.2f} s; timing {', '.join(options.modes)} on {device}"
-                 f" ({report['environment']['device']}), {options.runs} runs after one warm-up")
+                 f" ({report['environment']['device']}), {options.runs} timed run(s) after one warm-up")
     # All latents first: a shape that does not fit the VAE fails now, not after minutes of timing.
     latents = {text: synthetic_latents(text, channels=vae.z_dim, seed=0) for text in options.shapes}
     for text in options.shapes:
