@@ -131,15 +131,14 @@ class Session:
         caller must `finish()` or `abort()` each; batch finishes them on another thread while the next decodes."""
         vae, options = job.vae, job.options
         frames = job.latents.num_frames(vae.temporal_factor)
-        with torch.inference_mode():
-            for b, plan in enumerate(job.plans):
+        for b, plan in enumerate(job.plans):
+            with torch.inference_mode():  # not held across the yield: the caller's code runs there
                 z = job.latents.tensor[b : b + 1].to(vae.device, vae.dtype)
                 if options.denormalize:
                     z = denormalize(z, vae.model.config)
-                streamed = self.stream_sample(vae, z, plan, options, progress=self.reporter.lanes(frames),
-                                              jitter=jitter)
-                del z
-                yield streamed
+            streamed = self.stream_sample(vae, z, plan, options, progress=self.reporter.lanes(frames), jitter=jitter)
+            del z
+            yield streamed
 
     def decode_sample(self, vae: LoadedVae, z: torch.Tensor, plan: EncodePlan, options: DecodeOptions, *,
                       progress: Progress | None = None, jitter: Jitter | None = None) -> tuple[LaneStats, int]:
