@@ -69,7 +69,8 @@ class Reporter:
             self.progress.console.print(
                 f"{out['frames']} frames {out['width']}x{out['height']} in {out['wall_s']:.3f} s wall "
                 f"({out['frames'] / out['wall_s']:.1f} fps), decode-lane utilization "
-                f"{out['decode_utilization']:.1%}", highlight=False)
+                f"{out['decode_utilization']:.1%}; encoder drain after the last frame {out['encoder_drain_s']:.3f} s",
+                highlight=False)
 
 
 class _LaneRows:

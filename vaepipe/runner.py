@@ -182,7 +182,9 @@ class Streamed:
 
     def finish(self) -> tuple[LaneStats, int]:
         """Wait for ffmpeg and move the file into place (cleaning up on failure); return the stats and its size."""
+        t = time.perf_counter()
         self.encoder.finish()
+        self.stats.drain_s = time.perf_counter() - t
         self.stats.wall_s = time.perf_counter() - self.started  # from encoder start to the file in place
         return self.stats, self.encoder.output_bytes()
 
@@ -222,5 +224,6 @@ def summarize(job: Job, plan: EncodePlan, stats: LaneStats, size: int) -> dict:
         "mode": "sync" if job.options.sync else "pipelined", "chunk": job.options.chunk,
         "buffers": 1 if job.options.sync else job.options.buffers,
         "wall_s": round(stats.wall_s, 4), "busy_s": {k: round(v, 4) for k, v in stats.busy_s.items()},
+        "encoder_drain_s": round(stats.drain_s, 4),
         "decode_utilization": round(stats.decode_utilization, 4), "vaepipe": __version__,
     }
