@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 from vaepipe import runner as runner_module
 from vaepipe.batch import Manifest, World, combine
 from vaepipe.cli import app
-from vaepipe.config import JobSpec, load_config
+from vaepipe.config import OPTION_KEYS, JobSpec, load_config
 from vaepipe.encode import EncodeOptions
 from vaepipe.runner import DecodeOptions
 
@@ -27,11 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (16, 3, 3, 5)  # 9 frames of 40x24: a fraction of a second per job on two CPU cores
 
 
-def make_batch(folder: Path, n: int, *, bad: set[int] = frozenset(), extra: str = "") -> Path:
+def make_batch(folder: Path, n: int, *, bad: set[int] = frozenset(), extra: str = "", shape=SHAPE) -> Path:
     """`n` jobs lat/clipI.pt -> out/clipI.mp4 (those in `bad` hold NaN latents)."""
     (folder / "lat").mkdir(exist_ok=True)
     for i in range(n):
-        z = write_latents(folder / "lat" / f"clip{i}.pt", SHAPE, seed=i)
+        z = write_latents(folder / "lat" / f"clip{i}.pt", shape, seed=i)
         if i in bad:
             z[0, 1, 2, 3] = float("nan")
             torch.save(z, folder / "lat" / f"clip{i}.pt")
@@ -142,7 +143,8 @@ def test_multi_sample_latents_record_every_output_and_resume(tmp_path):
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_mid_job_then_rerun_finishes_the_rest_and_redoes_nothing_done(tmp_path, signum):
-    path = make_batch(tmp_path, 6)
+    # Jobs of about a second each, so that the signal lands mid-batch and not as the process exits.
+    path = make_batch(tmp_path, 6, shape=(16, 5, 6, 10))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "vaepipe", "batch", str(path), "-q"], env=env,
                             stderr=subprocess.PIPE, text=True)
@@ -183,7 +185,7 @@ def test_killed_mid_job_then_rerun_finishes_the_rest_and_redoes_nothing_done(tmp
     assert {n: (tmp_path / "out" / n).stat().st_mtime_ns for n in finished} == mtimes
     assert leftovers(tmp_path) == []
     for i in range(6):
-        assert read_video(tmp_path / "out" / f"clip{i}.mp4").shape == (9, 24, 40, 3)
+        assert read_video(tmp_path / "out" / f"clip{i}.mp4").shape == (17, 48, 80, 3)
     assert {r["status"] for r in latest(path).values()} == {"done"}
 
 
@@ -280,3 +282,22 @@ def test_bad_shard_and_gpus_without_gpus_are_bad_input(tmp_path):
     if not torch.cuda.is_available():
         code, _, output = batch(str(path), "--gpus", "2")
         assert code == 2 and "--device cpu" in output
+
+
+def test_the_shipped_demo_config_runs_as_its_header_says(tmp_path):
+    from vaepipe.latents import write_synthetic
+
+    (tmp_path / "configs").mkdir()
+    path = tmp_path / "configs" / "demo-cpu.toml"
+    path.write_text((ROOT / "configs" / "demo-cpu.toml").read_text())
+    for i in range(4):
+        write_synthetic(tmp_path / "demo" / "batch" / "latents" / f"clip{i}.pt", size="48x80x17", channels=16,
+                        seed=i)
+    write_synthetic(tmp_path / "demo" / "batch" / "hero.pt", size="64x96x17", channels=16, seed=9)
+    code, summary, output = batch(str(path), "-q")
+    assert code == 0 and summary["jobs"]["done"] == 5, output
+    assert sorted(p.name for p in (tmp_path / "demo" / "batch" / "videos").iterdir()) == [
+        "clip0.mp4", "clip1.mp4", "clip2.mp4", "clip3.mp4", "hero.mkv"]
+    for name in ("wan2.1-480p", "wan2.2-720p", "glob"):  # these need their (large) inputs made first
+        data = tomllib.loads((ROOT / "configs" / f"{name}.toml").read_text())
+        assert set(data) == {"defaults", "jobs"} and set(data["defaults"]) <= OPTION_KEYS.keys()
