@@ -98,6 +98,11 @@ def test_kernel_utilization_is_the_union_of_kernels_over_the_job_window():
     # covered: 100-115, 140-170, 195-200 -> 50 of 100
     assert kernel_utilization(events, "job") == pytest.approx(0.5)
     assert kernel_utilization(events, "another job") is None
+    # from the first kernel inside the window (100, clipped) to the last one's end (200, clipped): the same 50 of 100
+    assert kernel_utilization(events, "job", kernels_only=True) == pytest.approx(0.5)
+    late = [job, {"cat": "kernel", "name": "k", "ts": 150.0, "dur": 10.0}, {"cat": "kernel", "name": "k", "ts": 170.0,
+                                                                            "dur": 10.0}]
+    assert kernel_utilization(late, "job", kernels_only=True) == pytest.approx(20 / 30)
     assert busy_fraction([], 0.0, 1.0) == 0.0
     assert busy_fraction([(0.0, 2.0), (1.0, 3.0)], 0.0, 4.0) == pytest.approx(0.75)
 
@@ -108,8 +113,8 @@ def test_profiled_run_finds_its_window_in_a_real_profiler_trace():
         torch.randn(64, 64) @ torch.randn(64, 64)
         return Sample(wall_s=0.01, stages_s={}, spans=[])
 
-    utilization, wall = profiled_utilization(job, torch.device("cpu"))
-    assert utilization == 0.0 and wall == 0.01
+    utilization, while_gpu_work, wall = profiled_utilization(job, torch.device("cpu"))
+    assert utilization == 0.0 and while_gpu_work is None and wall == 0.01
 
 
 def test_memory_check_compares_longer_clips_with_the_shortest_of_the_same_size():

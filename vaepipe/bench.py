@@ -40,7 +40,6 @@ MODES = ("naive", "sync", "pipelined")
 DEFAULT_SHAPES = ("480x832x81", "720x1280x81")
 NAIVE_STAGES = ("decode", "postprocess", "export")
 """The naive path's steps, drawn as its three lanes: vae.decode, postprocess_video(np), export_to_video."""
-ENCODE = EncodeOptions(codec="h264", crf=18, preset="medium")
 NAIVE_ENCODER = "diffusers export_to_video defaults: imageio-ffmpeg libx264, quality 5 (CRF 25), yuv420p"
 TARGETS = {"wall_over_decode": 1.03, "kernel_utilization": 0.98, "memory_growth": 1.05}
 _JOB = "vaepipe.bench.job"  # the profiler annotation around one job: the window kernel utilization is taken over
@@ -72,6 +71,14 @@ class BenchOptions:
     """Write a PNG timeline per shape (needs matplotlib)."""
     profile: bool = True
     """One extra run per mode under the torch profiler for GPU kernel utilization (CUDA only)."""
+    crf: int = 18
+    """libx264 CRF for sync and pipelined."""
+    preset: str = "medium"
+    """libx264 preset for sync and pipelined: the encoder's lookahead is what the pipelined wall waits for last."""
+
+    @property
+    def encode(self) -> EncodeOptions:
+        return EncodeOptions(codec="h264", crf=self.crf, preset=self.preset)
 
     def __post_init__(self) -> None:
         if not 1 <= self.runs <= 100:
@@ -84,6 +91,7 @@ class BenchOptions:
         for shape in self.shapes:
             Shape.parse(shape)
         DecodeOptions(vae=self.vae, dtype=self.dtype, device=self.device, chunk=self.chunk, buffers=self.buffers)
+        plan_encode("check.mp4", width=16, height=16, fps=DEFAULT_FPS, options=self.encode)
         if "naive" in self.modes and importlib.util.find_spec("imageio") is None:
             raise BadInput("mode naive runs diffusers' export_to_video, which needs imageio: pip install imageio"
                            " (or 'vaepipe[naive]'), or leave naive out of --modes")
@@ -100,6 +108,8 @@ class BenchOptions:
             parts.append(f"--chunk {self.chunk}")
         if self.buffers != 2:
             parts.append(f"--buffers {self.buffers}")
+        if (self.crf, self.preset) != (18, "medium"):
+            parts.append(f"--crf {self.crf} --preset {self.preset}")
         parts += [flag for flag, on in (("--trace", self.trace), ("--plot", self.plot),
                                         ("--no-profile", not self.profile)) if on]
         return " ".join(parts)
@@ -149,6 +159,7 @@ class _Case:
     samples: dict[str, list[Sample]] = field(default_factory=dict)
     warmup_s: dict[str, float] = field(default_factory=dict)
     utilization: dict[str, float | None] = field(default_factory=dict)
+    utilization_kernels: dict[str, float | None] = field(default_factory=dict)
     profiled_wall_s: dict[str, float | None] = field(default_factory=dict)
 
 
@@ -174,7 +185,7 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
         "settings": {"vae": vae.source, "dtype": dtype_name, "device": str(device), "runs": options.runs,
                      "warmup_runs": 1, "modes": list(options.modes), "chunk": options.chunk,
                      "buffers": options.buffers, "fps": DEFAULT_FPS, "latents": "N(0, 1), seed 0, denormalised",
-                     "encoder": f"libx264 CRF {ENCODE.crf} {ENCODE.preset} yuv420p (BT.709)",
+                     "encoder": f"libx264 CRF {options.crf} {options.preset} yuv420p (BT.709)",
                      "naive_encoder": NAIVE_ENCODER, "profiled": options.profile and device.type == "cuda"},
         "load_s": round(sessions["pipelined"].load_s, 3), "results": [],
     }
@@ -183,7 +194,7 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
     # All latents first: a shape that does not fit the VAE fails now, not after minutes of timing.
     latents = {text: synthetic_latents(text, channels=vae.z_dim, seed=0) for text in options.shapes}
     for text in options.shapes:
-        case = _prepare(Shape.parse(text), latents[text], vae, sessions, decode_options, options.modes, out)
+        case = _prepare(Shape.parse(text), latents[text], vae, sessions, decode_options, options, out)
         _time(case, options, device, reporter)
         result = _result(case, vae, options)
         report["results"].append(result)
@@ -206,17 +217,17 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
 
 
 def _prepare(shape: Shape, latents: torch.Tensor, vae: LoadedVae, sessions: dict[str, Session],
-             decode_options: DecodeOptions, modes: tuple[str, ...], out: Path) -> _Case:
+             decode_options: DecodeOptions, options: BenchOptions, out: Path) -> _Case:
     with torch.inference_mode(False), torch.no_grad():  # a plain tensor: naive runs under no_grad, as pipelines do
         z = denormalize(latents.to(vae.device, vae.dtype), vae.model.config)
-    outputs = {mode: out / "videos" / f"{shape.label}-{mode}.mp4" for mode in modes}
+    outputs = {mode: out / "videos" / f"{shape.label}-{mode}.mp4" for mode in options.modes}
     jobs: dict[str, Callable[[], Sample]] = {}
-    for mode in modes:
+    for mode in options.modes:
         if mode == "naive":
             jobs[mode] = lambda dest=outputs[mode]: _naive_job(vae, z, dest)
         else:
             plan = plan_encode(outputs[mode], width=shape.width, height=shape.height, fps=DEFAULT_FPS,
-                               options=ENCODE)
+                               options=options.encode)
             opts = dataclasses.replace(decode_options, sync=mode == "sync")
             jobs[mode] = lambda session=sessions[mode], plan=plan, opts=opts: _vaepipe_job(session, vae, z, plan,
                                                                                         opts)
@@ -302,10 +313,11 @@ def _time(case: _Case, options: BenchOptions, device: torch.device, reporter: Re
     if options.profile and device.type == "cuda":
         reporter.log(f"{label}: one profiled run per mode for GPU kernel utilization")
     for mode in options.modes:
-        case.utilization[mode] = case.profiled_wall_s[mode] = None
+        case.utilization[mode] = case.utilization_kernels[mode] = case.profiled_wall_s[mode] = None
         if options.profile and device.type == "cuda":
             try:
-                case.utilization[mode], case.profiled_wall_s[mode] = profiled_utilization(case.jobs[mode], device)
+                (case.utilization[mode], case.utilization_kernels[mode],
+                 case.profiled_wall_s[mode]) = profiled_utilization(case.jobs[mode], device)
             except RuntimeError as e:  # no CUPTI, say: report n/a rather than lose the timings
                 reporter.log(f"warning: profiling {mode} failed ({str(e).splitlines()[0]}): utilization n/a")
     if any(u is not None for u in case.utilization.values()):
@@ -313,10 +325,12 @@ def _time(case: _Case, options: BenchOptions, device: torch.device, reporter: Re
                      + " · ".join(f"{m} {u:.1%}" for m, u in case.utilization.items() if u is not None))
 
 
-def profiled_utilization(job: Callable[[], Sample], device: torch.device) -> tuple[float | None, float]:
+def profiled_utilization(job: Callable[[], Sample], device: torch.device) -> tuple[float | None, float | None,
+                                                                                    float]:
     """Run `job` once under the torch profiler; return the share of its wall time during which a kernel ran on
-    the GPU (the union of kernel intervals over the job's window), and the profiled wall time. On the CPU there are
-    no kernels: 0.0."""
+    the GPU (the union of kernel intervals over the job's window), the same share between its first and last
+    kernel (how well the GPU is fed while there is GPU work), and the profiled wall time. On the CPU there are no
+    kernels: 0.0."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -332,17 +346,23 @@ def profiled_utilization(job: Callable[[], Sample], device: torch.device) -> tup
         events = json.loads(Path(name).read_text()).get("traceEvents", [])
     finally:
         os.unlink(name)
-    return kernel_utilization(events, _JOB), sample.wall_s
+    return kernel_utilization(events, _JOB), kernel_utilization(events, _JOB, kernels_only=True), sample.wall_s
 
 
-def kernel_utilization(events: list[dict], window: str) -> float | None:
+def kernel_utilization(events: list[dict], window: str, *, kernels_only: bool = False) -> float | None:
     """From profiler trace events: the union of "kernel" intervals inside the "user_annotation" span named
-    `window`, over that span's length. None when the trace has no such span."""
+    `window`, over that span's length (`kernels_only`: over first kernel start to last kernel end in it). None when
+    the trace has no such span."""
     span = next((e for e in events if e.get("cat") == "user_annotation" and e.get("name") == window), None)
     if span is None or not span.get("dur"):
         return None
     start, end = float(span["ts"]), float(span["ts"]) + float(span["dur"])
     kernels = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in events if e.get("cat") == "kernel"]
+    if kernels_only:
+        inside = [(a, b) for a, b in kernels if b > start and a < end]
+        if not inside:
+            return None
+        start, end = max(start, min(a for a, _ in inside)), min(end, max(b for _, b in inside))
     return busy_fraction(kernels, start, end)
 
 
@@ -376,12 +396,13 @@ def _result(case: _Case, vae: LoadedVae, options: BenchOptions) -> dict:
             "wall_over_decode": round(wall / decode, 4) if decode else None,
             "stages_s": {k: round(statistics.median(s.stages_s[k] for s in samples), 4) for k in samples[0].stages_s},
             "kernel_utilization": _round(case.utilization.get(mode)),
+            "kernel_utilization_while_gpu_work": _round(case.utilization_kernels.get(mode)),
             "profiled_wall_s": _round(case.profiled_wall_s.get(mode)),
             "peak_vram_gib": round(max(peaks) / 2**30, 3) if peaks else None,
             "peak_reserved_gib": round(max(reserved) / 2**30, 3) if reserved else None,
             "fps": round(frames / wall, 2),
             "output": str(output), "bytes": output.stat().st_size, "sha256": _sha256(output),
-            "encoder": NAIVE_ENCODER if mode == "naive" else _vaepipe_encoder(),
+            "encoder": NAIVE_ENCODER if mode == "naive" else _vaepipe_encoder(options),
         }
     for row in modes.values():
         for base in ("naive", "sync"):
@@ -394,8 +415,8 @@ def _result(case: _Case, vae: LoadedVae, options: BenchOptions) -> dict:
             "latents": list(case.latent_shape), "modes": modes, "targets": targets(modes)}
 
 
-def _vaepipe_encoder() -> str:
-    return f"vaepipe Encoder: libx264 CRF {ENCODE.crf} {ENCODE.preset} yuv420p (BT.709), bit-exact mux"
+def _vaepipe_encoder(options: BenchOptions) -> str:
+    return f"vaepipe Encoder: libx264 CRF {options.crf} {options.preset} yuv420p (BT.709), bit-exact mux"
 
 
 def targets(modes: dict[str, dict]) -> dict | None:
@@ -554,6 +575,10 @@ def markdown(report: dict) -> str:
         stages = "; ".join(f"{mode}: " + ", ".join(f"{k} {v:.3f}" for k, v in m["stages_s"].items())
                            for mode, m in r["modes"].items())
         lines += [f"Per-lane busy seconds (median): {stages}.", ""]
+        fed = "; ".join(f"{mode} {_fmt(m.get('kernel_utilization_while_gpu_work'), '.1%')}"
+                        for mode, m in r["modes"].items())
+        lines += [f"GPU kernel utilization from the first kernel to the last (how well the GPU is fed while it has"
+                  f" work, leaving out the encoder's drain after it): {fed}.", ""]
         if "same_file_as_sync" in r["modes"].get("pipelined", {}):
             same = r["modes"]["pipelined"]["same_file_as_sync"]
             lines += [f"sync and pipelined files are {'byte-identical' if same else 'DIFFERENT'}.", ""]

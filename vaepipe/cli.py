@@ -280,6 +280,7 @@ def bench(
     = False,
     profile: Annotated[bool, typer.Option("--profile/--no-profile", help="One extra profiled run per mode for "
                                                                          "GPU kernel utilization (CUDA).")] = True,
+    crf: Crf = 18, preset: Preset = "medium",
     quiet: Quiet = False,
 ) -> None:
     """Time naive diffusers, sync and pipelined decoding to video on the same latents, in one process."""
@@ -290,7 +291,8 @@ def bench(
         options = BenchOptions(vae=vae, shapes=tuple(s.strip() for s in shape.split(",") if s.strip()),
                                dtype=dtype, device=device, runs=runs,
                                modes=tuple(m.strip() for m in modes.split(",") if m.strip()), chunk=chunk,
-                               buffers=buffers, out=out, trace=trace, plot=plot, profile=profile)
+                               buffers=buffers, out=out, trace=trace, plot=plot, profile=profile, crf=crf,
+                               preset=preset)
         report = run_bench(options, reporter)
     except (VaepipeError, KeyboardInterrupt) as e:
         raise fail(e, reporter) from None
