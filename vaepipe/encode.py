@@ -225,8 +225,9 @@ class Encoder:
             target = self._tmp
         self._stderr: collections.deque[str] = collections.deque(maxlen=40)
         try:
+            # Own session: a terminal's Ctrl-C reaches vaepipe, which stops ffmpeg itself, rather than ffmpeg directly.
             self._proc = subprocess.Popen(_command(plan, target), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE)
+                                          stderr=subprocess.PIPE, start_new_session=True)
         except OSError as e:
             self._remove_tmp()
             raise VaepipeError(f"could not start ffmpeg: {e}") from None
