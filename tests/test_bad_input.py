@@ -96,7 +96,9 @@ def test_bad_options(tmp_path, latents_file, extra, output, words):
 
 
 def test_uncached_hub_repo_names_the_fix(tmp_path, latents_file, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     message = refused(tmp_path, latents_file, "--vae", "nobody/no-such-vae")
     assert "not in the local Hugging Face cache" in message and "hf download" in message
 
