@@ -29,7 +29,7 @@ def refused(tmp_path, latents, *extra, output="out.mp4"):
                                  "--device", "cpu", *extra])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
-    assert not [p for p in tmp_path.rglob("*") if p.suffix in (".mp4", ".mkv", ".part", ".png")]
+    assert not [p for p in tmp_path.rglob("*") if p.suffix in (".mp4", ".mkv", ".part", ".png") and p.is_file()]
     return " ".join(result.output.split())
 
 
@@ -115,3 +115,23 @@ def test_odd_frames_with_a_format_that_cannot_pad():
     assert (plan.pad_right, plan.pad_bottom, plan.frame_shape) == (1, 1, (482, 834, 3))
     assert plan_encode("o.mkv", width=833, height=481, fps=16,
                        options=EncodeOptions(codec="ffv1", pad=False)).frame_shape == (481, 833, 3)
+
+
+def test_an_output_path_that_is_a_folder(tmp_path, latents_file):
+    (tmp_path / "out.mp4").mkdir()
+    message = refused(tmp_path, latents_file, output="out.mp4")
+    assert "is a folder" in message and not list((tmp_path / "out.mp4").iterdir())
+
+
+@pytest.mark.parametrize("fps", [0, -5, float("nan")])
+def test_a_bad_fps_stored_with_the_latents(tmp_path, fps):
+    torch.save({"latents": torch.randn(16, 2, 3, 3), "fps": fps}, tmp_path / "lat.pt")
+    assert "stored fps must be in (0, 1000]" in refused(tmp_path, tmp_path / "lat.pt")
+
+
+def test_a_batch_of_frame_sequences_needs_a_folder_per_sample(tmp_path, monkeypatch):
+    torch.save(torch.randn(2, 16, 2, 3, 3), tmp_path / "lat.pt")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["decode", "lat.pt", "%05d.png", "--vae", "random:wan2.1-tiny", "--device", "cpu"])
+    assert result.exit_code == 2 and "put the pattern in a folder" in " ".join(result.output.split())
+    assert not list(tmp_path.glob("*.png"))

@@ -278,7 +278,8 @@ def test_manifest_ignores_a_torn_last_line_and_keeps_the_newest_record(tmp_path)
 
 def test_bad_shard_and_gpus_without_gpus_are_bad_input(tmp_path):
     path = make_batch(tmp_path, 1)
-    assert "I/N" in batch(str(path), "--shard", "two")[2]
+    code, _, output = batch(str(path), "--shard", "two")
+    assert code == 2 and "I/N" in output
     if not torch.cuda.is_available():
         code, _, output = batch(str(path), "--gpus", "2")
         assert code == 2 and "--device cpu" in output

@@ -22,6 +22,7 @@ def folder(tmp_path) -> Path:
     (tmp_path / "lat").mkdir()
     for name in ("a", "b", "c"):
         write_latents(tmp_path / "lat" / f"{name}.pt", (16, 3, 3, 5))
+    (tmp_path / "lat" / "a.bin").write_bytes(b"latents in an unknown format")
     return tmp_path
 
 
@@ -133,6 +134,11 @@ sync = 1
 def test_each_problem_is_named_by_its_toml_path(folder, text, expected):
     found = problems(config(folder, text))
     assert any(p.startswith(expected) for p in found), found
+
+
+def test_an_existing_file_of_an_unknown_format_is_named_as_such(folder):
+    (found,) = problems(config(folder, '[[jobs]]\nlatents = "lat/a.bin"\noutput = "a.mp4"'))
+    assert found.startswith("jobs[0].latents") and "is not a latents file" in found
 
 
 def test_command_line_values_are_checked_and_named_as_options(folder):

@@ -133,5 +133,5 @@ def test_out_of_memory_is_one_sentence(tmp_path, latents_file, monkeypatch):
     monkeypatch.setattr(runner_module, "decode_stream", oom)
     result = CliRunner().invoke(app, ["decode", str(latents_file), str(tmp_path / "out.mp4"),
                                       "--vae", "random:wan2.1-tiny"])
-    assert result.exit_code == 1 and "out of GPU memory" in result.output and "--chunk" in result.output
+    assert result.exit_code == 1 and "out of GPU memory" in result.output and "bf16" in result.output
     assert leftovers(tmp_path) == []

@@ -59,3 +59,25 @@ def test_an_encoder_error_stops_the_lanes_and_is_raised(case, fail_at):
         run_lanes(decode_stream(vae, z), sink, device=z.device, frame_shape=(16, 24, 3), frames_per_chunk=4,
                   chunk=1, buffers=Buffers())
     assert sink.aborted and len(sink.frames) == fail_at
+
+
+@pytest.mark.parametrize("fail_at", [0, 3])
+def test_a_copy_lane_error_stops_the_lanes_and_is_raised(case, fail_at, monkeypatch):
+    import threading
+
+    from vaepipe import pipeline
+
+    vae, z, _ = case
+    real, copies = torch.Tensor.copy_, []
+
+    def copy_(self, src, *args, **kwargs):
+        if threading.current_thread().name == "vaepipe-copy":
+            copies.append(1)
+            if len(copies) > fail_at:
+                raise RuntimeError("copy failed")
+        return real(self, src, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.torch.Tensor, "copy_", copy_)
+    with pytest.raises(RuntimeError, match="copy failed"):
+        decode_with_lanes(vae, z, k=3)
+    assert [t.name for t in threading.enumerate() if t.name.startswith("vaepipe-")] == []

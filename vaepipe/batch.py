@@ -26,16 +26,19 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 from rich.progress import ProgressColumn, Task
 from rich.text import Text
 
 from . import __version__
 from .config import DECODE_KEYS, ENCODE_KEYS, BatchConfig, JobSpec
+from .encode import frame_files
 from .errors import BadInput, VaepipeError
 from .latents import Latents, read_latents
 from .pipeline import LANES, Buffers
 from .progress import Reporter
 from .runner import Session, Streamed, summarize
+from .vae import DTYPES
 
 # Options that change the output's bytes: a done record made with others is not this job's output.
 _OUTPUT_KEYS = ("vae", "dtype", "denormalize", *ENCODE_KEYS)
@@ -179,6 +182,9 @@ class Manifest:
 def settings(spec: JobSpec) -> dict:
     """The options that decide the output's bytes, as recorded in the manifest."""
     values = {k: getattr(spec.decode, k) for k in DECODE_KEYS} | {k: getattr(spec.encode, k) for k in ENCODE_KEYS}
+    if values["dtype"] is None:  # the default depends on the device: record what it resolves to
+        dtype = spec.decode.torch_dtype(spec.decode.torch_device())
+        values["dtype"] = next(name for name, d in DTYPES.items() if d == dtype)
     return {k: values[k] for k in _OUTPUT_KEYS}
 
 
@@ -194,7 +200,7 @@ def is_done(spec: JobSpec, record: dict | None) -> bool:
 def _sha256(dest: Path) -> str | None:
     """SHA-256 of a video file; for a frame pattern (frames/%05d.png), of its frames' names and bytes in order."""
     if "%" in dest.name:
-        frames = sorted(dest.parent.glob(f"*{dest.suffix}")) if dest.parent.is_dir() else []
+        frames = frame_files(dest)
         if not frames:
             return None
         digest = hashlib.sha256()
@@ -398,8 +404,8 @@ class BatchRun:
             else:
                 setattr(c, status, getattr(c, status) + 1)
         if status == "done":
-            self.reporter.log(f"[green]done[/] {spec.name} → {spec.output} ({record['frames']} frames,"
-                              f" {record['timings']['wall_s']:.2f} s)")
+            self.reporter.log(f"[green]done[/] {escape(spec.name)} → {escape(str(spec.output))}"
+                              f" ({record['frames']} frames, {record['timings']['wall_s']:.2f} s)", markup=True)
         elif status == "failed":
             self._error(f"failed {spec.name} ({spec.latents}): {error}")
         self._update_row()
@@ -409,7 +415,8 @@ class BatchRun:
             self.counts.skipped += 1
             self.counts.results.append({"job": spec.name, "index": spec.index, "latents": str(spec.latents),
                                         "output": str(spec.output), "status": "skipped", "error": None})
-        self.reporter.log(f"[dim]skip {spec.name}: {spec.output} is done (manifest and SHA-256 agree)[/]")
+        self.reporter.log(f"[dim]skip {escape(spec.name)}: {escape(str(spec.output))} is done (manifest and SHA-256"
+                          " agree)[/]", markup=True)
         self._update_row()
 
     def _error(self, message: str) -> None:

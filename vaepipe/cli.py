@@ -58,7 +58,7 @@ Dtype = Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: bf
 Device = Annotated[str | None, typer.Option(help="cuda, cuda:N or cpu (default: cuda if present).")]
 Chunk = Annotated[int, typer.Option(help="Latent frames per pipeline step.")]
 Buffers = Annotated[int, typer.Option(help="Buffer slots per lane (2 = double buffering).")]
-Sync = Annotated[bool, typer.Option("--sync", help="No overlap: decode, copy, encode one after another.")]
+Sync = Annotated[bool, typer.Option("--sync/--no-sync", help="No overlap: decode, copy, encode one after another.")]
 Fps = Annotated[float | None, typer.Option(help="Frame rate (default: from the latents file, else 16).")]
 Codec = Annotated[str | None, typer.Option(help=f"{', '.join(CODECS)} (default: from the extension; h264).")]
 Crf = Annotated[int, typer.Option(help="Constant-quality level (lower is better).")]

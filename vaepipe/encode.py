@@ -7,6 +7,7 @@ import collections
 import contextlib
 import functools
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -128,6 +129,8 @@ class EncodePlan:
 def plan_encode(dest: str | os.PathLike, *, width: int, height: int, fps: float, options: EncodeOptions) -> EncodePlan:
     """Resolve codec, pixel format and padding for a destination; raise BadInput for any mismatch."""
     dest = Path(dest)
+    if dest.is_dir():
+        raise BadInput(f"{str(dest)!r} is a folder: name a file in it, such as {str(dest / 'out.mp4')!r}")
     suffix = dest.suffix.lower()
     if suffix not in _MUXERS:
         raise BadInput(f"cannot tell the container from {str(dest)!r}: use a name ending in .mp4, .mkv, .mov or .webm,"
@@ -204,25 +207,38 @@ def _command(plan: EncodePlan, target: Path) -> list[str]:
     return [*cmd, "-f", _MUXERS[suffix], "-y", str(target)]
 
 
+def frame_files(dest: Path) -> list[Path]:
+    """The files of a frame pattern such as frames/%05d.png that exist, in order (nothing else in the folder)."""
+    pattern = re.compile(re.sub(r"%0?\d*d", r"\\d+", re.escape(dest.name)))
+    folder = dest.parent
+    return sorted(p for p in folder.glob(f"*{dest.suffix}") if pattern.fullmatch(p.name)) if folder.is_dir() else []
+
+
+def _temp_home(dest: Path) -> tuple[Path, str]:
+    """Where a destination's temporary output goes, and the name it is derived from (a sequence's folder)."""
+    if "%" in dest.name:
+        return dest.parent.parent, dest.parent.name or "frames"
+    return dest.parent, dest.name
+
+
 class Encoder:
-    """One ffmpeg process: `write` frames, then `finish` (publish) or `abort` (kill, remove). Not thread-safe:
-    one thread writes."""
+    """One ffmpeg process: one thread calls `write` with frames, then `finish` (publish) or `abort` (kill,
+    remove). `abort` may come from another thread, to unblock a writer stuck on a full pipe."""
 
     def __init__(self, plan: EncodePlan):
         self.plan = plan
         self.frames = 0
         dest = plan.dest
-        tag = f"vaepipe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        _remove_stale_parts(dest)
-        if plan.is_sequence:
-            self._final_dir = dest.parent
-            self._tmp = dest.parent.parent / f".{dest.parent.name or 'frames'}.{tag}.part"
-            self._tmp.mkdir(parents=True)
-            target = self._tmp / dest.name
-        else:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = dest.parent / f".{dest.name}.{tag}.part"
-            target = self._tmp
+        folder, name = _temp_home(dest)
+        self._tmp = folder / f".{name}.vaepipe-{os.getpid()}-{uuid.uuid4().hex[:8]}.part"
+        try:
+            _remove_stale_parts(dest)
+            folder.mkdir(parents=True, exist_ok=True)
+            if plan.is_sequence:
+                self._tmp.mkdir()
+        except OSError as e:
+            raise VaepipeError(f"cannot write {dest}: {e}") from None
+        target = self._tmp / dest.name if plan.is_sequence else self._tmp
         self._stderr: collections.deque[str] = collections.deque(maxlen=40)
         try:
             # Own session: a terminal's Ctrl-C reaches vaepipe, which stops ffmpeg itself, rather than ffmpeg directly.
@@ -261,7 +277,10 @@ class Encoder:
             if self._proc.wait() != 0:
                 raise self._failure("failed")
             self._drain.join()
-            self._publish()
+            try:
+                self._publish()
+            except OSError as e:
+                raise VaepipeError(f"cannot move the finished video to {self.plan.dest}: {e}") from None
         except BaseException:
             self.abort()
             raise
@@ -285,24 +304,30 @@ class Encoder:
             self._tmp.unlink(missing_ok=True)
 
     def _publish(self) -> None:
+        dest = self.plan.dest
         if not self.plan.is_sequence:
-            os.replace(self._tmp, self.plan.dest)
+            os.replace(self._tmp, dest)
             return
-        # A frame sequence cannot be renamed as one file: move each finished frame into the destination folder.
-        self._final_dir.mkdir(parents=True, exist_ok=True)
+        if not dest.parent.exists():
+            os.replace(self._tmp, dest.parent)  # a new folder: one atomic rename
+            return
+        # Into an existing folder frame by frame, after removing an older sequence of the same pattern, so a
+        # shorter clip never keeps the old one's last frames.
+        for old in frame_files(dest):
+            old.unlink()
         for frame in sorted(self._tmp.iterdir()):
-            os.replace(frame, self._final_dir / frame.name)
+            os.replace(frame, dest.parent / frame.name)
         self._tmp.rmdir()
 
     def output_bytes(self) -> int:
         if self.plan.is_sequence:
-            return sum(f.stat().st_size for f in self._final_dir.glob(f"*{self.plan.dest.suffix}"))
+            return sum(f.stat().st_size for f in frame_files(self.plan.dest))
         return self.plan.dest.stat().st_size
 
 
 def _remove_stale_parts(dest: Path) -> None:
     """A killed run (SIGKILL, power loss) can leave its hidden temporary output; remove those of dead processes."""
-    folder, name = (dest.parent.parent, dest.parent.name) if "%" in dest.name else (dest.parent, dest.name)
+    folder, name = _temp_home(dest)
     for part in folder.glob(f".{name}.vaepipe-*.part"):
         pid = part.name.removeprefix(f".{name}.vaepipe-").split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):

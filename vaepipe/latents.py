@@ -53,6 +53,8 @@ def read_latents(path: str | Path) -> Latents:
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
         raise BadInput(f"could not read latents from {str(path)!r}: the file is truncated or not a"
                        f" {suffix} file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if fps is not None and not 0 < fps <= 1000:  # also NaN
+        raise BadInput(f"{str(path)!r}: the stored fps must be in (0, 1000], got {fps}; pass --fps to override")
     return Latents(tensor=_checked(tensor, path), fps=fps, path=path)
 
 
@@ -80,7 +82,10 @@ def _from_safetensors(path: Path) -> tuple[torch.Tensor, float | None]:
             if key is None:
                 raise BadInput(f"{str(path)!r} holds tensors {keys}: name the latents 'latents'")
             fps = (f.metadata() or {}).get("fps")
-            return f.get_tensor(key), (float(fps) if fps else None)
+            try:
+                return f.get_tensor(key), (float(fps) if fps is not None else None)
+            except ValueError:
+                raise BadInput(f"{str(path)!r}: the stored fps {fps!r} is not a number; pass --fps") from None
     except SafetensorError as e:
         raise ValueError(str(e)) from None
 

@@ -172,13 +172,14 @@ def _run_overlapped(pieces, sink, chunk, buffers, lanes, stats, progress, jitter
             if progress:
                 progress.advance("decode", n)
             n_chunk += 1
-    except BaseException:
-        stop.set()
-        sink.abort()  # unblocks a worker stuck writing to the encoder
-        raise
-    finally:
         work.put(None)
         worker.join()
+    except BaseException:  # also Ctrl-C while joining: the worker must not outlive the lanes
+        stop.set()
+        sink.abort()  # unblocks a worker stuck writing to the encoder
+        work.put(None)
+        worker.join()
+        raise
     if failure:
         raise failure[0]
 

@@ -39,10 +39,10 @@ class Reporter:
     def __exit__(self, *exc) -> None:
         self.progress.stop()
 
-    def log(self, message: str) -> None:
-        """A line above the bars (bars stay intact)."""
+    def log(self, message: str, *, markup: bool = False) -> None:
+        """A line above the bars (bars stay intact). `markup`: the message is Rich markup (escape what it quotes)."""
         if not self.quiet:
-            self.progress.console.print(message, highlight=False)
+            self.progress.console.print(message, highlight=False, markup=markup)
 
     def lanes(self, total_frames: int) -> _LaneRows:
         """The lane rows, reset for a new output (created on first use, then reused so rows stay in place)."""

@@ -46,6 +46,8 @@ class DecodeOptions:
             raise BadInput(f"chunk must be in 1..64, got {self.chunk}")
         if not 2 <= self.buffers <= 8:
             raise BadInput(f"buffers must be in 2..8, got {self.buffers}")
+        if self.vae and self.vae.startswith("random:") and self.vae not in PRESETS:
+            raise BadInput(f"unknown preset {self.vae!r}: use one of {', '.join(PRESETS)}")
         if self.device is not None and not (self.device in ("cpu", "cuda") or self.device.startswith("cuda:")):
             raise BadInput(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -71,6 +73,9 @@ def output_paths(output: str | Path, batch: int) -> list[Path]:
     if batch == 1:
         return [output]
     if "%" in output.name:
+        if not output.parent.name:
+            raise BadInput(f"a batch of {batch} samples writes one folder of frames per sample: put the pattern in a"
+                           f" folder, such as frames/{output.name}")
         return [output.parent.with_name(f"{output.parent.name}_{b}") / output.name for b in range(batch)]
     return [output.with_name(f"{output.stem}_{b}{output.suffix}") for b in range(batch)]
 
@@ -109,10 +114,13 @@ class Session:
         src = options.vae or DEFAULT_REPOS.get(latents.tensor.shape[1])
         if src is None:
             raise BadInput(f"latents have {latents.tensor.shape[1]} channels and no default VAE fits: pass --vae")
-        _check_preset_channels(src, latents)
+        if src in PRESETS:  # a preset's width is known without building it
+            check_for_vae(latents, PRESETS[src].get("z_dim", 16))
         b, _, _, h, w = latents.tensor.shape
         fps = encode.fps or latents.fps or DEFAULT_FPS
         outputs = output_paths(output, b)
+        for o in outputs:  # container, codec and pixel format, before the VAE is loaded (sizes come after)
+            plan_encode(o, width=16, height=16, fps=fps, options=encode)
         vae = self.vae(src, dtype, device)
         check_for_vae(latents, vae.z_dim)
         scale = int(vae.model.config.get("scale_factor_spatial") or getattr(vae.model, "spatial_compression_ratio", 8))
@@ -160,8 +168,9 @@ class Session:
                                   progress=progress, jitter=jitter)
         except torch.OutOfMemoryError as e:
             encoder.abort()
-            raise VaepipeError(f"out of GPU memory while decoding {plan.dest}: {str(e).splitlines()[0]};"
-                               " use a smaller --chunk or --buffers, or --dtype bf16") from None
+            raise VaepipeError(f"out of GPU memory while decoding {plan.dest}: {str(e).splitlines()[0]}; one latent"
+                               " frame at this size needs more than is free: free the GPU of other work, or decode"
+                               " in bf16 if this was fp32") from None
         except RuntimeError as e:  # from PyTorch: a failed kernel, a corrupt model
             encoder.abort()
             raise VaepipeError(f"decoding {plan.dest} failed: {e}") from e
@@ -198,14 +207,6 @@ class Job:
     vae: LoadedVae
     plans: list[EncodePlan]
     options: DecodeOptions
-
-
-def _check_preset_channels(src: str, latents: Latents) -> None:
-    # Catch a preset/latents mismatch before building the model.
-    if src in PRESETS:
-        z_dim = PRESETS[src].get("z_dim", 16)
-        if latents.tensor.shape[1] != z_dim:
-            check_for_vae(latents, z_dim)
 
 
 def _checked_pieces(pieces, plan: EncodePlan):

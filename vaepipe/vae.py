@@ -89,7 +89,7 @@ def load_vae(src: str, *, dtype: torch.dtype, device: torch.device) -> LoadedVae
 def _load(src: str, dtype: torch.dtype, device: torch.device) -> LoadedVae:
     if src.startswith("random:"):
         if src not in PRESETS:
-            raise BadInput(f"unknown preset {src!r}: use one of {', '.join(PRESETS)}")
+            raise BadInput(f"unknown preset {src!r}: use one of {', '.join(PRESETS)}")  # checked again for library use
         from diffusers import AutoencoderKLWan
 
         with torch.random.fork_rng(devices=[]):
