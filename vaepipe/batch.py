@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import glob
-import hashlib
 import json
 import os
 import sys
@@ -32,7 +31,7 @@ from rich.text import Text
 
 from . import __version__
 from .config import DECODE_KEYS, ENCODE_KEYS, BatchConfig, JobSpec
-from .encode import frame_files
+from .encode import output_sha256
 from .errors import BadInput, VaepipeError
 from .latents import Latents, read_latents
 from .pipeline import LANES, Buffers
@@ -194,26 +193,7 @@ def is_done(spec: JobSpec, record: dict | None) -> bool:
         return False
     if record.get("settings") != settings(spec) or not record.get("files"):
         return False
-    return all(_sha256(Path(f["path"])) == f.get("sha256") for f in record["files"])
-
-
-def _sha256(dest: Path) -> str | None:
-    """SHA-256 of a video file; for a frame pattern (frames/%05d.png), of its frames' names and bytes in order."""
-    if "%" in dest.name:
-        frames = frame_files(dest)
-        if not frames:
-            return None
-        digest = hashlib.sha256()
-        for frame in frames:
-            digest.update(frame.name.encode() + b"\0")
-            with open(frame, "rb") as f:
-                digest.update(hashlib.file_digest(f, "sha256").digest())
-        return digest.hexdigest()
-    try:
-        with open(dest, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-    except (FileNotFoundError, IsADirectoryError):
-        return None
+    return all(output_sha256(Path(f["path"])) == f.get("sha256") for f in record["files"])
 
 
 @dataclass(slots=True)
@@ -343,7 +323,7 @@ class BatchRun:
             with self._lock:
                 self._pending.remove(streamed)
         out = summarize(job, streamed.plan, stats, size)
-        out["sha256"] = _sha256(streamed.plan.dest)
+        out["sha256"] = output_sha256(streamed.plan.dest)
         return out
 
     def _complete(self, spec: JobSpec, samples: list[Future], error: str | None, started: float,

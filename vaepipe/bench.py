@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import importlib.util
 import json
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .encode import EncodeOptions, ffmpeg_exe, plan_encode
+from .encode import EncodeOptions, ffmpeg_exe, output_sha256, plan_encode
 from .errors import BadInput
 from .latents import denormalize, synthetic_latents
 from .pipeline import LANES
@@ -401,7 +400,7 @@ def _result(case: _Case, vae: LoadedVae, options: BenchOptions) -> dict:
             "peak_vram_gib": round(max(peaks) / 2**30, 3) if peaks else None,
             "peak_reserved_gib": round(max(reserved) / 2**30, 3) if reserved else None,
             "fps": round(frames / wall, 2),
-            "output": str(output), "bytes": output.stat().st_size, "sha256": _sha256(output),
+            "output": str(output), "bytes": output.stat().st_size, "sha256": output_sha256(output),
             "encoder": NAIVE_ENCODER if mode == "naive" else _vaepipe_encoder(options),
         }
     for row in modes.values():
@@ -491,14 +490,6 @@ def _ffmpeg_version() -> str | None:
         return None
     first = run.stdout.splitlines()[0] if run.stdout else ""
     return first.removeprefix("ffmpeg version ").split(" ")[0] or None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _round(x: float | None, digits: int = 4) -> float | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -342,3 +343,23 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def output_sha256(dest: Path) -> str | None:
+    """SHA-256 of a finished output (None if there is none); for a frame pattern (frames/%05d.png), of its
+    frames' names and bytes, in order."""
+    if "%" in dest.name:
+        frames = frame_files(dest)
+        if not frames:
+            return None
+        digest = hashlib.sha256()
+        for frame in frames:
+            digest.update(frame.name.encode() + b"\0")
+            with open(frame, "rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
+        return digest.hexdigest()
+    try:
+        with open(dest, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except (FileNotFoundError, IsADirectoryError):
+        return None
