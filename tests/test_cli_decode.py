@@ -162,3 +162,13 @@ def test_a_shorter_png_sequence_replaces_the_older_one_and_nothing_else(tmp_path
     assert decode(tmp_path / "short.pt", frames / "%05d.png", *args).exit_code == 0  # 5 frames
     assert sorted(p.name for p in frames.iterdir()) == ["00000.png", "00001.png", "00002.png", "00003.png",
                                                         "00004.png", "cover.png"]
+
+
+def test_info_probes_encoders_with_a_real_encode():
+    result = runner.invoke(app, ["info", "--json"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.stdout)
+    assert facts["encoders"]["h264"]["works"] and facts["encoders"]["ffv1"]["works"]
+    assert facts["torch"] == torch.__version__ and facts["ffmpeg"]
+    if not torch.cuda.is_available():  # listed in ffmpeg's build, but nothing to run it on
+        assert not facts["encoders"]["h264_nvenc"]["works"] and facts["encoders"]["h264_nvenc"]["detail"]

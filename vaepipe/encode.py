@@ -182,7 +182,11 @@ def probe_encoder(encoder: str) -> tuple[bool, str]:
     except (OSError, subprocess.TimeoutExpired) as e:
         return False, str(e)
     lines = run.stderr.strip().splitlines()
-    return run.returncode == 0, (lines[-1] if lines else f"exit code {run.returncode}")
+    # The first line that says why ("No capable devices found", "OpenEncodeSessionEx failed"), not the muxer's
+    # closing complaint that nothing was written.
+    why = next((line for line in lines if any(w in line.lower() for w in ("error", "fail", "cannot", "no capable",
+                                                                          "not supported", "unsupported"))), None)
+    return run.returncode == 0, why or (lines[-1] if lines else f"exit code {run.returncode}")
 
 
 def _command(plan: EncodePlan, target: Path) -> list[str]:
