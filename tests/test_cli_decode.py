@@ -172,3 +172,14 @@ def test_info_probes_encoders_with_a_real_encode():
     assert facts["torch"] == torch.__version__ and facts["ffmpeg"]
     if not torch.cuda.is_available():  # listed in ffmpeg's build, but nothing to run it on
         assert not facts["encoders"]["h264_nvenc"]["works"] and facts["encoders"]["h264_nvenc"]["detail"]
+
+
+def test_fast_path_is_opt_in_and_stays_within_rounding_of_the_exact_frames(tmp_path, latents_file):
+    exact, fast = tmp_path / "exact.mkv", tmp_path / "fast.mkv"
+    assert decode(latents_file, exact, "--vae", "random:wan2.1-tiny", *LOSSLESS).exit_code == 0
+    result = runner.invoke(app, ["decode", str(latents_file), str(fast), "--vae", "random:wan2.1-tiny", "--fast",
+                                 "--json", *LOSSLESS])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["outputs"][0]["fast"] is True
+    diff = np.abs(read_video(fast).astype(int) - read_video(exact).astype(int))
+    assert diff.max() <= 2

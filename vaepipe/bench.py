@@ -74,6 +74,8 @@ class BenchOptions:
     """libx264 CRF for sync and pipelined."""
     preset: str = "medium"
     """libx264 preset for sync and pipelined: the encoder's lookahead is what the pipelined wall waits for last."""
+    fast: bool = False
+    """sync and pipelined take vaepipe's --fast path (channels-last convs, cuDNN autotuning for every mode)."""
 
     @property
     def encode(self) -> EncodeOptions:
@@ -109,6 +111,8 @@ class BenchOptions:
             parts.append(f"--buffers {self.buffers}")
         if (self.crf, self.preset) != (18, "medium"):
             parts.append(f"--crf {self.crf} --preset {self.preset}")
+        if self.fast:
+            parts.append("--fast")
         parts += [flag for flag, on in (("--trace", self.trace), ("--plot", self.plot),
                                         ("--no-profile", not self.profile)) if on]
         return " ".join(parts)
@@ -166,7 +170,7 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
     """Run the benchmark, write bench.json and bench.md (plus traces and plots when asked) under `options.out`,
     and return the report that bench.json holds."""
     decode_options = DecodeOptions(vae=options.vae, dtype=options.dtype, device=options.device,
-                                   chunk=options.chunk, buffers=options.buffers)
+                                   chunk=options.chunk, buffers=options.buffers, fast=options.fast)
     device = decode_options.torch_device()
     dtype = decode_options.torch_dtype(device)
     dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
@@ -175,7 +179,9 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # One session per vaepipe mode, so each keeps its own lane buffers across runs (sync uses one slot).
     sessions = {"sync": Session(reporter), "pipelined": Session(reporter)}
-    vae = sessions["pipelined"].vae(options.vae, dtype, device)
+    vae = sessions["pipelined"].vae(options.vae, dtype, device, fast=options.fast)
+    # naive is diffusers as users run it: its own model, never the channels-last one of --fast.
+    naive_vae = sessions["sync"].vae(options.vae, dtype, device) if options.fast and "naive" in options.modes else vae
     if not vae.is_wan:
         raise BadInput(f"bench times Wan VAEs (AutoencoderKLWan); {options.vae} is a {type(vae.model).__name__}")
     report = {
@@ -183,7 +189,8 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
         "command": options.command(dtype_name), "environment": environment(device),
         "settings": {"vae": vae.source, "dtype": dtype_name, "device": str(device), "runs": options.runs,
                      "warmup_runs": 1, "modes": list(options.modes), "chunk": options.chunk,
-                     "buffers": options.buffers, "fps": DEFAULT_FPS, "latents": "N(0, 1), seed 0, denormalised",
+                     "buffers": options.buffers, "fast": options.fast, "fps": DEFAULT_FPS,
+                     "latents": "N(0, 1), seed 0, denormalised",
                      "encoder": f"libx264 CRF {options.crf} {options.preset} yuv420p (BT.709)",
                      "naive_encoder": NAIVE_ENCODER, "profiled": options.profile and device.type == "cuda"},
         "load_s": round(sessions["pipelined"].load_s, 3), "results": [],
@@ -193,7 +200,7 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
     # All latents first: a shape that does not fit the VAE fails now, not after minutes of timing.
     latents = {text: synthetic_latents(text, channels=vae.z_dim, seed=0) for text in options.shapes}
     for text in options.shapes:
-        case = _prepare(Shape.parse(text), latents[text], vae, sessions, decode_options, options, out)
+        case = _prepare(Shape.parse(text), latents[text], vae, naive_vae, sessions, decode_options, options, out)
         _time(case, options, device, reporter)
         result = _result(case, vae, options)
         report["results"].append(result)
@@ -215,7 +222,7 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
     return report
 
 
-def _prepare(shape: Shape, latents: torch.Tensor, vae: LoadedVae, sessions: dict[str, Session],
+def _prepare(shape: Shape, latents: torch.Tensor, vae: LoadedVae, naive_vae: LoadedVae, sessions: dict[str, Session],
              decode_options: DecodeOptions, options: BenchOptions, out: Path) -> _Case:
     with torch.inference_mode(False), torch.no_grad():  # a plain tensor: naive runs under no_grad, as pipelines do
         z = denormalize(latents.to(vae.device, vae.dtype), vae.model.config)
@@ -223,7 +230,7 @@ def _prepare(shape: Shape, latents: torch.Tensor, vae: LoadedVae, sessions: dict
     jobs: dict[str, Callable[[], Sample]] = {}
     for mode in options.modes:
         if mode == "naive":
-            jobs[mode] = lambda dest=outputs[mode]: _naive_job(vae, z, dest)
+            jobs[mode] = lambda dest=outputs[mode]: _naive_job(naive_vae, z, dest)
         else:
             plan = plan_encode(outputs[mode], width=shape.width, height=shape.height, fps=DEFAULT_FPS,
                                options=options.encode)

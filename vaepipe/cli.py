@@ -68,6 +68,8 @@ PixFmt = Annotated[str | None, typer.Option("--pix-fmt", help="yuv420p, yuv420p1
 Pad = Annotated[bool, typer.Option("--pad/--no-pad", help="Pad odd sizes by edge replication for 4:2:0/4:2:2.")]
 Denorm = Annotated[bool, typer.Option("--denormalize/--no-denormalize",
                                       help="Undo the pipeline's latent normalisation (off for raw latents).")]
+Fast = Annotated[bool, typer.Option("--fast/--no-fast", help="channels-last convs and cuDNN autotuning: faster on "
+                                                           "GPUs, not bit-identical to diffusers (default: exact).")]
 Json = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 
@@ -79,14 +81,14 @@ def decode(
                                                "(frames/%05d.png). A batch of B writes out_0.mp4 … out_{B-1}.mp4.")],
     vae: Vae = None, dtype: Dtype = None, device: Device = None, chunk: Chunk = 1, buffers: Buffers = 2,
     sync: Sync = False, fps: Fps = None, codec: Codec = None, crf: Crf = 18, preset: Preset = "medium",
-    pix_fmt: PixFmt = None, pad: Pad = True, denormalize: Denorm = True, json_out: Json = False,
+    pix_fmt: PixFmt = None, pad: Pad = True, denormalize: Denorm = True, fast: Fast = False, json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
     """Decode one latents file into a video through the three-lane pipeline."""
     reporter = Reporter(quiet=quiet, as_json=json_out)
     try:
         options = DecodeOptions(vae=vae, dtype=dtype, device=device, chunk=chunk, buffers=buffers, sync=sync,
-                                denormalize=denormalize)
+                                denormalize=denormalize, fast=fast)
         encode = EncodeOptions(codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, fps=fps, pad=pad)
         with reporter:
             session = Session(reporter)
@@ -112,7 +114,7 @@ def batch(
                                                        "CONFIG_STEM.manifest.jsonl beside the config.")] = None,
     vae: Vae = None, dtype: Dtype = None, device: Device = None, chunk: Chunk = None, buffers: Buffers = None,
     sync: Sync = None, fps: Fps = None, codec: Codec = None, crf: Crf = None, preset: Preset = None,
-    pix_fmt: PixFmt = None, pad: Pad = None, denormalize: Denorm = None, json_out: Json = False,
+    pix_fmt: PixFmt = None, pad: Pad = None, denormalize: Denorm = None, fast: Fast = None, json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
     """Decode many latents files as one batch: GPU kept busy, bad jobs skipped, resumable, sharded by torchrun.
@@ -123,7 +125,7 @@ def batch(
 
     given = {"vae": vae, "dtype": dtype, "device": device, "chunk": chunk, "buffers": buffers, "sync": sync,
              "fps": fps, "codec": codec, "crf": crf, "preset": preset, "pix_fmt": pix_fmt, "pad": pad,
-             "denormalize": denormalize}
+             "denormalize": denormalize, "fast": fast}
     overrides = {k: v for k, v in given.items() if v is not None}
     reporter = Reporter(quiet=quiet, as_json=json_out)
     try:
@@ -280,7 +282,7 @@ def bench(
     = False,
     profile: Annotated[bool, typer.Option("--profile/--no-profile", help="One extra profiled run per mode for "
                                                                          "GPU kernel utilization (CUDA).")] = True,
-    crf: Crf = 18, preset: Preset = "medium",
+    crf: Crf = 18, preset: Preset = "medium", fast: Fast = False,
     quiet: Quiet = False,
 ) -> None:
     """Time naive diffusers, sync and pipelined decoding to video on the same latents, in one process."""
@@ -292,7 +294,7 @@ def bench(
                                dtype=dtype, device=device, runs=runs,
                                modes=tuple(m.strip() for m in modes.split(",") if m.strip()), chunk=chunk,
                                buffers=buffers, out=out, trace=trace, plot=plot, profile=profile, crf=crf,
-                               preset=preset)
+                               preset=preset, fast=fast)
         report = run_bench(options, reporter)
     except (VaepipeError, KeyboardInterrupt) as e:
         raise fail(e, reporter) from None

@@ -7,6 +7,7 @@ of growing one `torch.cat`: memory stays bounded and the concatenated stream is 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -40,12 +41,37 @@ def _wan_stream(vae, z: torch.Tensor) -> Iterator[torch.Tensor]:
     # Our own feature cache, so the model's `_feat_map` is never touched and two streams could share one model.
     feat_cache = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
     patch_size = vae.config.patch_size
+    autotune = getattr(vae, "_vaepipe_fast", False)
     x = vae.post_quant_conv(z)
     for i in range(z.shape[2]):
-        out = vae.decoder(x[:, :, i : i + 1], feat_cache=feat_cache, feat_idx=[0], first_chunk=i == 0)
+        with _cudnn_benchmark(autotune):
+            out = vae.decoder(x[:, :, i : i + 1], feat_cache=feat_cache, feat_idx=[0], first_chunk=i == 0)
         if patch_size is not None:
             out = unpatchify(out, patch_size=patch_size)
         yield torch.clamp(out, min=-1.0, max=1.0)
+
+
+def use_fast_path(vae: torch.nn.Module) -> None:
+    """Opt-in speed (--fast) at the cost of exactness: the decode is no longer bit-identical to diffusers'.
+
+    Applied once, to a model that is then used only this way; the two changes are independent.
+    """
+    # NDHWC conv weights make the convs run, and hand on activations, channels-last: the layout tensor cores want.
+    for conv in (m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)):
+        conv.weight.data = conv.weight.data.to(memory_format=torch.channels_last_3d)
+    # cuDNN times its algorithms for each conv shape on first use and keeps the fastest; set per call (see
+    # _cudnn_benchmark) so that exact decodes in the same process keep the default algorithms.
+    vae._vaepipe_fast = True
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool) -> Iterator[None]:
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on or before
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def to_uint8_frames(video: torch.Tensor, out: torch.Tensor) -> None:

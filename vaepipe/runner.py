@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .decode import decode_stream
+from .decode import decode_stream, use_fast_path
 from .encode import EncodeOptions, EncodePlan, Encoder, plan_encode
 from .errors import BadInput, VaepipeError
 from .latents import Latents, check_for_vae, denormalize, read_latents
@@ -38,6 +38,8 @@ class DecodeOptions:
     """Decode, copy and encode one after another on one stream (the baseline)."""
     denormalize: bool = True
     """Undo the pipeline's latent normalisation before decoding."""
+    fast: bool = False
+    """channels-last convs and cuDNN autotuning: faster on GPUs, no longer bit-identical to diffusers."""
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -90,14 +92,16 @@ class Session:
         self._vaes: dict[tuple[str, torch.dtype, torch.device], LoadedVae] = {}
         self.load_s = 0.0
 
-    def vae(self, src: str, dtype: torch.dtype, device: torch.device) -> LoadedVae:
-        key = (src, dtype, device)
+    def vae(self, src: str, dtype: torch.dtype, device: torch.device, *, fast: bool = False) -> LoadedVae:
+        key = (src, dtype, device, fast)
         if key not in self._vaes:
             t = time.perf_counter()
-            self._vaes[key] = load_vae(src, dtype=dtype, device=device)
+            self._vaes[key] = vae = load_vae(src, dtype=dtype, device=device)
+            if fast:
+                use_fast_path(vae.model)
             self.load_s += time.perf_counter() - t
-            vae = self._vaes[key]
-            self.reporter.log(f"VAE {vae.source}, {str(dtype).removeprefix('torch.')} on {device}")
+            self.reporter.log(f"VAE {vae.source}, {str(dtype).removeprefix('torch.')} on {device}"
+                              + (", --fast (not bit-identical to diffusers)" if fast else ""))
             if not vae.is_wan:
                 self.reporter.log(f"warning: {type(vae.model).__name__} has no streaming decode here: it decodes each"
                                   " clip whole, so memory is not bounded")
@@ -121,7 +125,7 @@ class Session:
         outputs = output_paths(output, b)
         for o in outputs:  # container, codec and pixel format, before the VAE is loaded (sizes come after)
             plan_encode(o, width=16, height=16, fps=fps, options=encode)
-        vae = self.vae(src, dtype, device)
+        vae = self.vae(src, dtype, device, fast=options.fast)
         check_for_vae(latents, vae.z_dim)
         scale = int(vae.model.config.get("scale_factor_spatial") or getattr(vae.model, "spatial_compression_ratio", 8))
         plans = [plan_encode(o, width=w * scale, height=h * scale, fps=fps, options=encode) for o in outputs]
@@ -222,7 +226,7 @@ def summarize(job: Job, plan: EncodePlan, stats: LaneStats, size: int) -> dict:
         "output": str(plan.dest), "bytes": size, "frames": stats.frames, "width": plan.width,
         "height": plan.height, "fps": plan.fps, "codec": plan.codec, "pix_fmt": plan.pix_fmt,
         "vae": job.vae.source, "dtype": str(job.vae.dtype).removeprefix("torch."), "device": str(job.vae.device),
-        "mode": "sync" if job.options.sync else "pipelined", "chunk": job.options.chunk,
+        "mode": "sync" if job.options.sync else "pipelined", "fast": job.options.fast, "chunk": job.options.chunk,
         "buffers": 1 if job.options.sync else job.options.buffers,
         "wall_s": round(stats.wall_s, 4), "busy_s": {k: round(v, 4) for k, v in stats.busy_s.items()},
         "encoder_drain_s": round(stats.drain_s, 4),
