@@ -68,8 +68,9 @@ PixFmt = Annotated[str | None, typer.Option("--pix-fmt", help="yuv420p, yuv420p1
 Pad = Annotated[bool, typer.Option("--pad/--no-pad", help="Pad odd sizes by edge replication for 4:2:0/4:2:2.")]
 Denorm = Annotated[bool, typer.Option("--denormalize/--no-denormalize",
                                       help="Undo the pipeline's latent normalisation (off for raw latents).")]
-Fast = Annotated[bool, typer.Option("--fast/--no-fast", help="channels-last convs and cuDNN autotuning: faster on "
-                                                           "GPUs, not bit-identical to diffusers (default: exact).")]
+Fast = Annotated[bool, typer.Option("--fast/--no-fast", help="channels-last convs and cuDNN autotuning: ~17% faster "
+                                                             "decode on an H100 once tuned (the first clip of a process"
+                                                             " pays the tuning), not bit-identical to diffusers.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 
