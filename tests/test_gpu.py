@@ -90,3 +90,16 @@ def test_lanes_pass_under_the_cuda_sanitizer():
                       "random_delays or sync_mode"])
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert " passed" in run.stdout and "failed" not in run.stdout
+
+
+def test_cuda_fast_path_stays_close_and_leaves_exact_decodes_exact(case):
+    from vaepipe.decode import use_fast_path
+
+    vae, z, want = case
+    fast = tiny_vae("random:wan2.1-tiny", torch.float32, "cuda")
+    use_fast_path(fast)
+    got, _ = decode_with_lanes(fast, z)
+    assert (got.int() - want.int()).abs().max() <= 8
+    assert not torch.backends.cudnn.benchmark  # autotuning was on only inside the fast model's calls
+    exact, _ = decode_with_lanes(vae, z)
+    assert torch.equal(exact, want)
