@@ -145,7 +145,7 @@ def test_multi_sample_latents_record_every_output_and_resume(tmp_path):
 def test_killed_mid_job_then_rerun_finishes_the_rest_and_redoes_nothing_done(tmp_path, signum):
     # Jobs of about a second each, so that the signal lands mid-batch and not as the process exits.
     path = make_batch(tmp_path, 6, shape=(16, 5, 6, 10))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "vaepipe", "batch", str(path), "-q"], env=env,
                             stderr=subprocess.PIPE, text=True)
     manifest = tmp_path / "batch.manifest.jsonl"
@@ -253,7 +253,7 @@ def test_torchrun_ranks_run_every_job_exactly_once_and_the_merged_manifest_resum
 
 def test_gpus_2_on_cpu_starts_workers_through_torchrun_and_rank_0_merges(tmp_path):
     path = make_batch(tmp_path, 3, bad={2})
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-m", "vaepipe", "batch", str(path), "--gpus", "2", "--device", "cpu",
                           "--json", "-q"], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stderr  # job 2 failed; the workers agree on the exit code

@@ -99,7 +99,7 @@ def test_decode_error_mid_stream_stops_every_lane(tmp_path, latents_file, monkey
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 130)])
 def test_interrupt_mid_run_leaves_no_partial_file_and_no_ffmpeg(tmp_path, signum, code):
     write_latents(tmp_path / "lat.pt", (16, 200, 6, 10))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "vaepipe", "decode", str(tmp_path / "lat.pt"),
                              str(tmp_path / "out.mp4"), "--vae", "random:wan2.1-tiny", "--device", "cpu", "-q"],
                             env=env, stderr=subprocess.PIPE, text=True)

@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
@@ -459,31 +460,32 @@ def dry_run(config: BatchConfig, options: BatchOptions, world: World) -> dict:
             "world_size": world.size, "mode": world.how, "total_jobs": len(config.jobs), "jobs": jobs}
 
 
-def run(config: BatchConfig, options: BatchOptions, reporter: Reporter) -> tuple[dict, bool]:
+def run(config: BatchConfig, options: BatchOptions, reporter: Reporter, show: Callable[[dict], None]) -> dict:
     """Run this process's share; under torch.distributed, gather every rank's summary and merge the manifest on
-    rank 0. Returns the summary (the whole batch's when gathered: `jobs.failed` counts every rank's) and whether
-    this process should print it (not on ranks other than 0 of a gathered run)."""
+    rank 0. Returns the summary (the whole batch's when gathered: `jobs.failed` counts every rank's); `show` gets
+    it once, on rank 0 of a gathered run before the last barrier (a rank that exits early with code 1 makes
+    torchrun tear the others down, so rank 0 must be done printing by then)."""
     world = World.detect(options.shard)
     if world.how == "torchrun" and world.local_rank != 0:
         reporter = Reporter(quiet=True)  # one set of bars per host; failures still print
     created = _init_group(world)
-    gathered = False
     try:
         with reporter:
             summary = BatchRun(config, options, reporter, world).run()
         if _group_ready():
-            summary = _gather(summary, Manifest(manifest_path(config, options)))
-            gathered = True
-        elif world.how == "single":
-            manifest = Manifest(manifest_path(config, options))
-            if manifest.parts():
-                manifest.merge()  # parts left by earlier sharded or torchrun runs
+            summary = _gather(summary, Manifest(manifest_path(config, options)), show)
+        else:
+            if world.how == "single":
+                manifest = Manifest(manifest_path(config, options))
+                if manifest.parts():
+                    manifest.merge()  # parts left by earlier sharded or torchrun runs
+            show(summary)
     finally:
         if created:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    return summary, not gathered or world.rank == 0
+    return summary
 
 
 def _init_group(world: World) -> bool:
@@ -508,7 +510,7 @@ def _group_ready() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _gather(summary: dict, manifest: Manifest) -> dict:
+def _gather(summary: dict, manifest: Manifest, show: Callable[[dict], None]) -> dict:
     import torch.distributed as dist
 
     summaries: list[dict | None] = [None] * dist.get_world_size()
@@ -517,7 +519,9 @@ def _gather(summary: dict, manifest: Manifest) -> dict:
         manifest.merge()
     merged = combine(summaries)
     merged["rank"] = dist.get_rank()
-    dist.barrier()  # nobody exits (and so nobody is torn down by torchrun) before rank 0 has merged
+    if dist.get_rank() == 0:
+        show(merged)
+    dist.barrier()  # nobody exits (and so nobody is torn down by torchrun) before rank 0 has merged and printed
     return merged
 
 

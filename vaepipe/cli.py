@@ -147,13 +147,15 @@ def batch(
             if code:
                 raise typer.Exit(code)
             return
-        summary, show = runs.run(cfg, options, reporter)
+
+        def show(summary: dict) -> None:
+            reporter.summary(summary)
+            if not quiet:
+                _print_batch(summary, reporter)
+
+        summary = runs.run(cfg, options, reporter, show)
     except (VaepipeError, KeyboardInterrupt) as e:
         raise fail(e, reporter) from None
-    if show:
-        reporter.summary(summary)
-        if not quiet:
-            _print_batch(summary, reporter)
     if summary["jobs"]["failed"]:
         raise typer.Exit(1)
 
