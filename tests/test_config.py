@@ -225,3 +225,10 @@ def test_relative_paths_are_relative_to_the_config_file_not_the_working_director
     monkeypatch.chdir(folder.parent)
     a, _ = load_config(Path(folder.name) / "batch.toml").jobs
     assert a.latents == folder / "lat" / "a.pt"
+
+
+def test_an_unknown_preset_is_a_config_error_not_a_failed_job(folder):
+    text = '[defaults]\nvae = "random:wan9"\n[[jobs]]\nlatents = "lat/a.pt"\noutput = "a.mp4"'
+    found = problems(config(folder, text))
+    assert found == ["defaults.vae is invalid: unknown preset 'random:wan9': use one of random:wan2.1,"
+                     " random:wan2.1-tiny, random:wan2.2, random:wan2.2-tiny"]

@@ -252,7 +252,7 @@ def _check_option(key: str, value: Any) -> str | None:
         cls(**{key: value})
     except BadInput as e:
         message = str(e)
-        return message.removeprefix(key).lstrip() if message.startswith(key) else f": {message}"
+        return message.removeprefix(key).lstrip() if message.startswith(key) else f"is invalid: {message}"
     return None
 
 
