@@ -302,3 +302,24 @@ def test_the_shipped_demo_config_runs_as_its_header_says(tmp_path):
     for name in ("wan2.1-480p", "wan2.2-720p", "glob"):  # these need their (large) inputs made first
         data = tomllib.loads((ROOT / "configs" / f"{name}.toml").read_text())
         assert set(data) == {"defaults", "jobs"} and set(data["defaults"]) <= OPTION_KEYS.keys()
+
+
+def test_ctrl_c_twice_mid_batch_leaves_only_whole_videos_and_no_ffmpeg(tmp_path):
+    path = make_batch(tmp_path, 6, shape=(16, 5, 6, 10))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "vaepipe", "batch", str(path), "-q"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "out").glob(".*.part")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    assert "interrupted" in proc.stderr.read()
+    assert leftovers(tmp_path) == [] and ffmpeg_processes_under(tmp_path) == []
+    finished = {p.name for p in (tmp_path / "out").glob("*.mp4")}
+    assert finished == {n for n, r in latest(path).items() if r["status"] == "done"}
+    assert len(finished) < 6
+    for name in finished:  # whatever finished is whole
+        assert read_video(tmp_path / "out" / name).shape == (17, 48, 80, 3)
