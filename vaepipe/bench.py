@@ -29,7 +29,7 @@ import torch
 from . import __version__
 from .encode import EncodeOptions, ffmpeg_exe, output_sha256, plan_encode
 from .errors import BadInput
-from .latents import denormalize, synthetic_latents
+from .latents import denormalize, parse_size, synthetic_latents
 from .pipeline import LANES
 from .progress import Reporter
 from .runner import DEFAULT_FPS, DecodeOptions, Session
@@ -126,13 +126,7 @@ class Shape:
 
     @classmethod
     def parse(cls, text: str) -> Shape:
-        try:
-            height, width, frames = (int(v) for v in text.lower().split("x"))
-        except ValueError:
-            raise BadInput(f"shape must be HEIGHTxWIDTHxFRAMES such as 480x832x81, got {text!r}") from None
-        if min(height, width, frames) < 1:
-            raise BadInput(f"shape {text!r} has an empty dimension")
-        return cls(height, width, frames)
+        return cls(*parse_size(text, name="shape"))
 
     @property
     def label(self) -> str:

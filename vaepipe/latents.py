@@ -132,17 +132,25 @@ def denormalize(z: torch.Tensor, config) -> torch.Tensor:
     return z + shift if shift else z
 
 
+def parse_size(text: str, *, name: str = "size") -> tuple[int, int, int]:
+    """HEIGHTxWIDTHxFRAMES, such as 480x832x81, as three positive integers."""
+    try:
+        height, width, frames = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise BadInput(f"{name} must be HEIGHTxWIDTHxFRAMES such as 480x832x81, got {text!r}") from None
+    if min(height, width, frames) < 1:
+        raise BadInput(f"{name} {text!r} has an empty dimension")
+    return height, width, frames
+
+
 def synthetic_latents(size: str, *, channels: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     """N(0, 1) latents [B, C, T, H, W] that decode to `size` (HEIGHTxWIDTHxFRAMES) for a Wan VAE of `channels` (16: 8x
     spatial, 48: 16x spatial; 4x temporal), as a diffusers pipeline with output_type="latent" leaves them."""
     scale = {16: 8, 48: 16}.get(channels)
     if scale is None:
         raise BadInput(f"channels must be 16 (Wan 2.1) or 48 (Wan 2.2), got {channels}")
-    try:
-        height, width, frames = (int(v) for v in size.lower().split("x"))
-    except ValueError:
-        raise BadInput(f"size must be HEIGHTxWIDTHxFRAMES such as 480x832x81, got {size!r}") from None
-    if height % scale or width % scale or (frames - 1) % 4 or min(height, width, frames) < 1:
+    height, width, frames = parse_size(size)
+    if height % scale or width % scale or (frames - 1) % 4:
         raise BadInput(f"size {size} does not fit the VAE: height and width must be multiples of {scale}, frames"
                        " of the form 4k+1 (81, 121…)")
     shape = (batch, channels, 1 + (frames - 1) // 4, height // scale, width // scale)
