@@ -1,0 +1,412 @@
+"""The engine's fused kernels: each Triton kernel beside the PyTorch reference of what it computes.
+
+Activations are 5-D [1, C, T, H, W] tensors of any strides (the engine keeps them channels-last, so that one pixel's
+channels are contiguous). A conv output is handed on as a `Pending` value, `raw (+ bias) (+ res)`, and the next kernel
+materialises it while it reads it: the conv bias and the residual add cost no pass of their own. Materialising rounds
+where diffusers rounds (after the bias, after the residual add), under both policies.
+
+Two arithmetic policies, one flag (`exact`):
+- exact repeats diffusers' rounding steps: the RMS norm's sum of squares in the order of PyTorch's CUDA reduction for
+  diffusers' call (see `reduction_plan`), IEEE square root and division, the rounding to the model's dtype after each
+  of diffusers' ops, SiLU as `x / (1 + expf(-x))` with CUDA's own expf;
+- fast fuses freely: one fp32 tree sum, reciprocal square root, no intermediate rounding.
+
+The references run wherever Triton cannot (the CPU): the exact ones are diffusers' own ops on the layout and frame
+extent diffusers calls them with, so they are bit-identical to it by construction.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # CPU-only installs: the references run
+    triton = None
+
+
+@dataclass(slots=True)
+class Pending:
+    """A value not yet written out: `raw (+ bias over channels) (+ res)`, rounded to raw's dtype after each add."""
+
+    raw: torch.Tensor
+    bias: torch.Tensor | None = None
+    res: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.raw.shape
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_ready(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels run on `t`: a CUDA tensor, or any under TRITON_INTERPRET=1 (the CPU tests)."""
+    return triton is not None and (t.is_cuda or _interpreting())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# References (PyTorch)
+
+
+def materialize_reference(p: Pending) -> torch.Tensor:
+    """diffusers' `conv(x)` bias add and `x + h`, as separate ops in the model's dtype."""
+    v = p.raw
+    if p.bias is not None:
+        v = v + p.bias.view(1, -1, 1, 1, 1)
+    if p.res is not None:
+        v = v + p.res
+    return v
+
+
+def norm_silu_reference(x: torch.Tensor, gamma: torch.Tensor, *, exact: bool, frames_per_call: int) -> torch.Tensor:
+    """SiLU(WanRMS_norm(x)): diffusers' `F.normalize(x.float(), dim=1).to(dtype) * scale * gamma + 0.0`, then SiLU.
+
+    exact: on a contiguous tensor, `frames_per_call` frames at a time, as diffusers' per-latent-frame calls see it
+    (PyTorch splits a reduction by its size, and with it the order of the sum).
+    """
+    c = x.shape[1]
+    g = gamma.view(1, c, 1, 1, 1)
+    if not exact:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.square().sum(1, keepdim=True).clamp_min(1e-24)) * (c**0.5) * g.float()
+        return F.silu(y).to(x.dtype)
+    parts = []
+    for s in range(0, x.shape[2], frames_per_call):
+        part = x[:, :, s : s + frames_per_call].contiguous()
+        normalized = F.normalize(part.float(), dim=1).to(part.dtype)
+        parts.append(F.silu(normalized * (c**0.5) * g + 0.0))
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+
+def upsample_reference(src: Pending, *, scale: int, interleave: bool) -> torch.Tensor:
+    """diffusers' upsample3d tail (time-conv channels [2C] -> frames 2t: reshape and stack) and its nearest spatial
+    upsampling (`WanUpsample`, nearest-exact in float): data movement after the bias add."""
+    v = materialize_reference(src)
+    if interleave:
+        b, c2, t, h, w = v.shape
+        v = v.reshape(b, 2, c2 // 2, t, h, w)
+        v = torch.stack((v[:, 0], v[:, 1]), 3).reshape(b, c2 // 2, t * 2, h, w)
+    if scale > 1:
+        v = v.repeat_interleave(scale, dim=3).repeat_interleave(scale, dim=4)
+    return v
+
+
+def to_uint8_reference(src: Pending, out: torch.Tensor, *, patch: int) -> None:
+    """Wan's `unpatchify`, `clamp(-1, 1)`, then the uint8 frames of `postprocess_video` (float32, round half to even)
+    into `out` [F, H, W, 3] (its real region)."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+    video = materialize_reference(src)
+    if patch > 1:
+        video = unpatchify(video, patch_size=patch)
+    video = torch.clamp(video, min=-1.0, max=1.0)
+    f, h, w = video.shape[2:]
+    u8 = (video[0].float() * 0.5 + 0.5).clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+    out[:f, :h, :w].copy_(u8.permute(1, 2, 3, 0))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The order of PyTorch's CUDA sum for F.normalize over channels
+
+
+def reduction_plan(channels: int, pixels: int, *, sms: int, threads_per_sm: int = 2048) -> tuple[int, int]:
+    """(split, ctas): how PyTorch's CUDA reduction (Reduce.cuh, `setReduceConfig`) sums the squares of one pixel's
+    `channels` values of a contiguous fp32 [1, C, pixels] tensor. Thread y of `split` threads (and CTA g of `ctas`)
+    takes channels y + split * g + split * ctas * k, k = 0, 1, ..., into 4 accumulators (k mod 4), combined in order;
+    the threads' sums are then added pairwise (halving), and with ctas > 1 the CTAs' sums are gathered by thread
+    g mod split, in order, and added pairwise again."""
+    vec = 4  # outputs per thread: the output extent and the input stride must divide it (base addresses are aligned)
+    while pixels % vec:
+        vec //= 2
+    max_threads = 512 // vec
+    dim0, dim1 = pixels // vec, channels
+
+    def pow2(n: int) -> int:
+        return 1 << (n.bit_length() - 1) if n < max_threads else max_threads
+
+    width = min(pow2(dim0), 32)
+    height = min(pow2(dim1), max_threads // width)
+    width = min(pow2(dim0), max_threads // height)
+    step_output = width
+    if channels >= min(height * 16, 256):
+        split = height
+    else:
+        split, step_output = 1, step_output * height
+    ctas = 1
+    per_thread = -(-channels // split)
+    grid = -(-(pixels // vec) // step_output)
+    target = sms * (threads_per_sm // (width * height))
+    if split > 1 and per_thread >= 256 and grid <= target:
+        ctas = max(min(-(-target // grid), -(-per_thread // 16)), -(-per_thread // 256))
+    return split, ctas
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _pixels(p, H, W):
+        """Pixel index -> (frame, row, column), int64 so that offsets never overflow."""
+        p = p.to(tl.int64)
+        return p // (H * W), (p // W) % H, p % W
+
+    @triton.jit
+    def _materialize(raw_ptr, bias_ptr, res_ptr, raw_off, res_off, c, mask, HAS_BIAS: tl.constexpr,
+                     HAS_RES: tl.constexpr, INTERPRET: tl.constexpr):
+        io: tl.constexpr = raw_ptr.dtype.element_ty
+        v = tl.load(raw_ptr + raw_off, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + (raw_off * 0 + c), mask=mask, other=0.0).to(tl.float32)
+            v = _rounded(v + b, io, INTERPRET)
+        if HAS_RES:
+            v = _rounded(v + tl.load(res_ptr + res_off, mask=mask, other=0.0).to(tl.float32), io, INTERPRET)
+        return v
+
+    @triton.jit
+    def _expf(x, INTERPRET: tl.constexpr):
+        # CUDA's own expf (what PyTorch's SiLU calls); the CPU interpreter has no libdevice
+        if INTERPRET:
+            return tl.exp(x)
+        else:
+            return libdevice.exp(x)
+
+    @triton.jit
+    def _rounded(v, io: tl.constexpr, INTERPRET: tl.constexpr):
+        """fp32 `v` rounded to the model's dtype `io` (to nearest even), as fp32. The CPU interpreter truncates in
+        its bf16 casts, so there the rounding is done on the bits."""
+        if io == tl.float32:
+            return v
+        elif INTERPRET and io == tl.bfloat16:
+            u = v.to(tl.uint32, bitcast=True)
+            u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+            return u.to(tl.float32, bitcast=True)
+        else:
+            return v.to(io).to(tl.float32)
+
+    @triton.jit
+    def _round_half_even(v):
+        r = tl.floor(v)
+        frac = v - r  # exact
+        odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+        return tl.where((frac > 0.5) | ((frac == 0.5) & odd), r + 1.0, r)
+
+    @triton.jit
+    def _square_add(v, acc, FMA: tl.constexpr):
+        # PyTorch's `acc + x * x`, which nvcc contracts into one fused multiply-add
+        if FMA:
+            return tl.fma(v, v, acc)
+        else:
+            return acc + v * v
+
+    @triton.jit
+    def _halving_sum(v, BLOCK_P: tl.constexpr, N: tl.constexpr):
+        """[BLOCK_P, N] -> [BLOCK_P] as PyTorch's block_y_reduce adds: v[y] += v[y + n / 2] for n = N, N / 2, ..."""
+        if N >= 16:
+            v = tl.sum(tl.reshape(v, (BLOCK_P, 2, 8)), axis=1)
+        if N >= 8:
+            v = tl.sum(tl.reshape(v, (BLOCK_P, 2, 4)), axis=1)
+        if N >= 4:
+            v = tl.sum(tl.reshape(v, (BLOCK_P, 2, 2)), axis=1)
+        if N >= 2:
+            v = tl.sum(tl.reshape(v, (BLOCK_P, 2, 1)), axis=1)
+        return tl.reshape(v, (BLOCK_P,))
+
+    @triton.jit
+    def _ordered_sum_of_squares(raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc, pmask,
+                                C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                HAS_RES: tl.constexpr, SPLIT: tl.constexpr, CTAS: tl.constexpr, K: tl.constexpr,
+                                FMA: tl.constexpr, INTERPRET: tl.constexpr):
+        """The sum of squares of each pixel's C values in the order `reduction_plan` describes."""
+        y = tl.arange(0, SPLIT)
+        gathered = tl.zeros([BLOCK_P, SPLIT], tl.float32)  # what the last CTA's thread y sums of the CTAs' sums
+        for g in tl.static_range(CTAS):
+            a0 = tl.zeros([BLOCK_P, SPLIT], tl.float32)
+            a1 = tl.zeros([BLOCK_P, SPLIT], tl.float32)
+            a2 = tl.zeros([BLOCK_P, SPLIT], tl.float32)
+            a3 = tl.zeros([BLOCK_P, SPLIT], tl.float32)
+            for k in tl.static_range(K):
+                c = k * CTAS * SPLIT + g * SPLIT + y
+                m = pmask[:, None] & (c < C)[None, :]
+                v = _materialize(raw_ptr, bias_ptr, res_ptr, raw_pix[:, None] + c[None, :] * r_sc,
+                                 res_pix[:, None] + c[None, :] * q_sc, c[None, :], m, HAS_BIAS, HAS_RES, INTERPRET)
+                if k % 4 == 0:
+                    a0 = _square_add(v, a0, FMA)
+                elif k % 4 == 1:
+                    a1 = _square_add(v, a1, FMA)
+                elif k % 4 == 2:
+                    a2 = _square_add(v, a2, FMA)
+                else:
+                    a3 = _square_add(v, a3, FMA)
+            part = _halving_sum(((a0 + a1) + a2) + a3, BLOCK_P, SPLIT)
+            gathered += tl.where((y == g % SPLIT)[None, :], part[:, None], 0.0)
+        return _halving_sum(gathered, BLOCK_P, SPLIT)
+
+    @triton.jit
+    def _norm_silu_kernel(raw_ptr, bias_ptr, res_ptr, gamma_ptr, x_ptr, y_ptr, n_pix, H, W,
+                          r_st, r_sh, r_sw, r_sc, q_st, q_sh, q_sw, q_sc, x_st, x_sh, x_sw, x_sc,
+                          y_st, y_sh, y_sw, y_sc, scale,
+                          C: tl.constexpr, C_PAD: tl.constexpr, BLOCK_P: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HAS_RES: tl.constexpr, STORE_X: tl.constexpr, EXACT: tl.constexpr, SPLIT: tl.constexpr,
+                          CTAS: tl.constexpr, K: tl.constexpr, FMA: tl.constexpr, INTERPRET: tl.constexpr):
+        """x = raw (+ bias) (+ res); optionally stores x; stores SiLU(RMSNorm(x) * gamma) into y.
+
+        Fuses what diffusers runs as ten kernels (bias add, residual add, float cast, norm, clamp, division, cast,
+        two multiplies, SiLU): one read of the conv output and one write per pixel, straight into the next conv's
+        input window."""
+        io: tl.constexpr = y_ptr.dtype.element_ty
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = p < n_pix
+        t, h, w = _pixels(p, H, W)
+        raw_pix = t * r_st + h * r_sh + w * r_sw
+        res_pix = t * q_st + h * q_sh + w * q_sw
+        c = tl.arange(0, C_PAD)
+        m = pmask[:, None] & (c < C)[None, :]
+        v = _materialize(raw_ptr, bias_ptr, res_ptr, raw_pix[:, None] + c[None, :] * r_sc,
+                         res_pix[:, None] + c[None, :] * q_sc, c[None, :], m, HAS_BIAS, HAS_RES, INTERPRET)
+        if STORE_X:
+            tl.store(x_ptr + (t * x_st + h * x_sh + w * x_sw)[:, None] + c[None, :] * x_sc, v.to(io), mask=m)
+        gamma = tl.load(gamma_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
+        if EXACT:
+            ss = _ordered_sum_of_squares(raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc, pmask, C,
+                                         BLOCK_P, HAS_BIAS, HAS_RES, SPLIT, CTAS, K, FMA, INTERPRET)
+            d = tl.maximum(tl.sqrt_rn(ss), 1e-12)
+            n = _rounded(tl.div_rn(v, d[:, None]), io, INTERPRET)
+            n = _rounded(n * scale, io, INTERPRET)
+            n = _rounded(n * gamma, io, INTERPRET)
+            n = _rounded(n + 0.0, io, INTERPRET)
+            out = _rounded(tl.div_rn(n, 1.0 + _expf(-n, INTERPRET)), io, INTERPRET)
+        else:
+            ss = tl.sum(v * v, axis=1)
+            n = v * (scale * tl.rsqrt(tl.maximum(ss, 1e-24)))[:, None] * gamma
+            out = _rounded(n * tl.sigmoid(n), io, INTERPRET)
+        tl.store(y_ptr + (t * y_st + h * y_sh + w * y_sw)[:, None] + c[None, :] * y_sc, out.to(io), mask=m)
+
+    @triton.jit
+    def _upsample_kernel(raw_ptr, bias_ptr, res_ptr, out_ptr, n_pix, H, W, C,
+                         r_st, r_sh, r_sw, r_sc, q_st, q_sh, q_sw, q_sc, o_st, o_sh, o_sw, o_sc,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, SCALE: tl.constexpr,
+                         INTERLEAVE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                         INTERPRET: tl.constexpr):
+        """out[f, y, x, c] = src[f // 2, y // S, x // S, (f % 2) * C + c] (interleave) or src[f, y // S, x // S, c].
+
+        The time conv's two channel halves become frame pairs and each pixel becomes an S x S block, written into the
+        next conv's input window in one pass: diffusers makes four copies (reshape, stack, permute, upsample)."""
+        io = out_ptr.dtype.element_ty
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        pmask = p < n_pix
+        f, y, x = _pixels(p, H, W)
+        if INTERLEAVE:
+            src_t = f // 2
+            src_c = (f % 2)[:, None] * C + c[None, :]
+        else:
+            src_t = f
+            src_c = tl.zeros([BLOCK_P, 1], tl.int64) + c[None, :]
+        m = pmask[:, None] & (c < C)[None, :]
+        sy = y // SCALE
+        sx = x // SCALE
+        v = _materialize(raw_ptr, bias_ptr, res_ptr, (src_t * r_st + sy * r_sh + sx * r_sw)[:, None] + src_c * r_sc,
+                         (src_t * q_st + sy * q_sh + sx * q_sw)[:, None] + src_c * q_sc, src_c, m, HAS_BIAS, HAS_RES,
+                         INTERPRET)
+        tl.store(out_ptr + (f * o_st + y * o_sh + x * o_sw)[:, None] + c[None, :] * o_sc, v.to(io), mask=m)
+
+    @triton.jit
+    def _to_uint8_kernel(raw_ptr, bias_ptr, out_ptr, n_pix, H, W, r_st, r_sh, r_sw, r_sc, o_sf, o_sh, o_sw,
+                         BLOCK_P: tl.constexpr, PATCH: tl.constexpr, INTERPRET: tl.constexpr):
+        """uint8 RGB from the last conv: its bias, Wan 2.2's unpatchify, clamp(-1, 1), then postprocess_video's
+        float32 conversion (round half to even), straight into the copy lane's frame buffer."""
+        io: tl.constexpr = raw_ptr.dtype.element_ty
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = p < n_pix
+        f, y, x = _pixels(p, H, W)
+        rgb = tl.arange(0, 4)
+        m = pmask[:, None] & (rgb < 3)[None, :]
+        src_c = rgb[None, :] * (PATCH * PATCH) + ((x % PATCH) * PATCH + y % PATCH)[:, None]
+        src = (f * r_st + (y // PATCH) * r_sh + (x // PATCH) * r_sw)[:, None] + src_c * r_sc
+        v = tl.load(raw_ptr + src, mask=m, other=0.0).to(tl.float32)
+        v = _rounded(v + tl.load(bias_ptr + src_c, mask=m, other=0.0).to(tl.float32), io, INTERPRET)
+        v = tl.minimum(tl.maximum(v, -1.0), 1.0)
+        v = tl.minimum(tl.maximum(v * 0.5 + 0.5, 0.0), 1.0)  # v * 0.5 is exact, so one rounding as in PyTorch
+        u8 = _round_half_even(v * 255.0).to(tl.uint8)
+        tl.store(out_ptr + (f * o_sf + y * o_sh + x * o_sw)[:, None] + rgb[None, :], u8, mask=m)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Entry points: the kernel where Triton runs, else the reference
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return t.stride(2), t.stride(3), t.stride(4), t.stride(1)
+
+
+def _operands(src: Pending) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple, tuple]:
+    res = src.res if src.res is not None else src.raw
+    bias = src.bias if src.bias is not None else src.raw
+    return src.raw, bias, res, _strides(src.raw), _strides(res)
+
+
+def norm_silu(src: Pending, gamma: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None, *, exact: bool,
+              frames_per_call: int, plan: tuple[int, int, bool] | None = None) -> None:
+    """y = SiLU(RMSNorm(src) * gamma), and x = src materialised if given; y and x are views of any strides.
+
+    exact needs `plan` = (split, ctas, fma) for the Triton kernel (see `reduction_plan`)."""
+    c = src.shape[1]
+    if not triton_ready(src.raw):
+        v = materialize_reference(src)
+        if x is not None:
+            x.copy_(v)
+        y.copy_(norm_silu_reference(v, gamma, exact=exact, frames_per_call=frames_per_call))
+        return
+    _, _, t, h, w = src.shape
+    n_pix = t * h * w
+    c_pad = triton.next_power_of_2(c)
+    block_p = max(1, min(64, 8192 // c_pad))
+    split, ctas, fma = plan if exact else (1, 1, True)
+    raw, bias, res, rs, qs = _operands(src)
+    _norm_silu_kernel[(triton.cdiv(n_pix, block_p),)](
+        raw, bias, res, gamma, x if x is not None else y, y, n_pix, h, w, *rs, *qs,
+        *_strides(x if x is not None else y), *_strides(y), float(c**0.5),
+        C=c, C_PAD=c_pad, BLOCK_P=block_p, HAS_BIAS=src.bias is not None, HAS_RES=src.res is not None,
+        STORE_X=x is not None, EXACT=exact, SPLIT=split, CTAS=ctas, K=-(-c // (split * ctas)), FMA=fma, INTERPRET=_interpreting(),
+        num_warps=4)
+
+
+def upsample(src: Pending, out: torch.Tensor, *, scale: int, interleave: bool) -> None:
+    """Write `upsample_reference(src)` into the view `out` [1, C, T, H, W]."""
+    if not triton_ready(src.raw):
+        out.copy_(upsample_reference(src, scale=scale, interleave=interleave))
+        return
+    _, c, t, h, w = out.shape
+    n_pix = t * h * w
+    block_c = min(128, triton.next_power_of_2(c))
+    block_p = max(1, 4096 // block_c)
+    raw, bias, res, rs, qs = _operands(src)
+    _upsample_kernel[(triton.cdiv(n_pix, block_p), triton.cdiv(c, block_c))](
+        raw, bias, res, out, n_pix, h, w, c, *rs, *qs, *_strides(out),
+        BLOCK_P=block_p, BLOCK_C=block_c, SCALE=scale, INTERLEAVE=interleave, HAS_BIAS=src.bias is not None,
+        HAS_RES=src.res is not None, INTERPRET=_interpreting(), num_warps=4)
+
+
+def to_uint8(src: Pending, out: torch.Tensor, *, patch: int) -> None:
+    """Write the uint8 frames of the last conv's output into `out` [F, H', W', 3] (its top-left real region)."""
+    if not triton_ready(src.raw) or src.bias is None or src.res is not None:
+        to_uint8_reference(src, out, patch=patch)
+        return
+    _, _, f, h, w = src.shape
+    h, w = h * patch, w * patch
+    n_pix = f * h * w
+    block_p = 256
+    _to_uint8_kernel[(triton.cdiv(n_pix, block_p),)](
+        src.raw, src.bias, out, n_pix, h, w, *_strides(src.raw), out.stride(0), out.stride(1), out.stride(2),
+        BLOCK_P=block_p, PATCH=patch, INTERPRET=_interpreting(), num_warps=4)
