@@ -173,9 +173,8 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # One session per vaepipe mode, so each keeps its own lane buffers across runs (sync uses one slot).
     sessions = {"sync": Session(reporter), "pipelined": Session(reporter)}
-    vae = sessions["pipelined"].vae(options.vae, dtype, device, fast=options.fast)
-    # naive is diffusers as users run it: its own model, never the channels-last one of --fast.
-    naive_vae = sessions["sync"].vae(options.vae, dtype, device) if options.fast and "naive" in options.modes else vae
+    vae = sessions["pipelined"].vae(options.vae, dtype, device)
+    naive_vae = vae
     if not vae.is_wan:
         raise BadInput(f"bench times Wan VAEs (AutoencoderKLWan); {options.vae} is a {type(vae.model).__name__}")
     report = {

@@ -56,7 +56,8 @@ Vae = Annotated[str | None, typer.Option(help="VAE: random:wan2.1[-tiny], random
                                                "the diffusers Wan VAE matching the latents, from the local Hub cache.")]
 Dtype = Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU).")]
 Device = Annotated[str | None, typer.Option(help="cuda, cuda:N or cpu (default: cuda if present).")]
-Chunk = Annotated[int, typer.Option(help="Latent frames per pipeline step.")]
+Chunk = Annotated[int | None, typer.Option(help="Latent frames per decoder call after the first (default: what fits in "
+                                                 "memory on GPUs, 1 on the CPU).")]
 Buffers = Annotated[int, typer.Option(help="Buffer slots per lane (2 = double buffering).")]
 Sync = Annotated[bool, typer.Option("--sync/--no-sync", help="No overlap: decode, copy, encode one after another.")]
 Fps = Annotated[float | None, typer.Option(help="Frame rate (default: from the latents file, else 16).")]
@@ -68,9 +69,11 @@ PixFmt = Annotated[str | None, typer.Option("--pix-fmt", help="yuv420p, yuv420p1
 Pad = Annotated[bool, typer.Option("--pad/--no-pad", help="Pad odd sizes by edge replication for 4:2:0/4:2:2.")]
 Denorm = Annotated[bool, typer.Option("--denormalize/--no-denormalize",
                                       help="Undo the pipeline's latent normalisation (off for raw latents).")]
-Fast = Annotated[bool, typer.Option("--fast/--no-fast", help="channels-last convs and cuDNN autotuning: ~17% faster "
-                                                             "decode on an H100 once tuned (the first clip of a process"
-                                                             " pays the tuning), not bit-identical to diffusers.")]
+Exact = Annotated[bool, typer.Option("--exact/--no-exact", help="Frames bit-identical to diffusers' vae.decode (GPUs: "
+                                                                "vaepipe's engine, self-checked against diffusers' ops; "
+                                                                "CPU: diffusers' own decoder).")]
+Fast = Annotated[bool, typer.Option("--fast/--no-fast", hidden=True,
+                                    help="Kept for old command lines: the fast engine is the default on GPUs.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 
@@ -80,16 +83,16 @@ def decode(
     latents: Annotated[Path, typer.Argument(help="Latents: .pt, .safetensors or .npy, [C,T,H,W] or [B,C,T,H,W].")],
     output: Annotated[str, typer.Argument(help="Video file (.mp4 .mkv .mov .webm) or a PNG pattern "
                                                "(frames/%05d.png). A batch of B writes out_0.mp4 … out_{B-1}.mp4.")],
-    vae: Vae = None, dtype: Dtype = None, device: Device = None, chunk: Chunk = 1, buffers: Buffers = 2,
+    vae: Vae = None, dtype: Dtype = None, device: Device = None, chunk: Chunk = None, buffers: Buffers = 2,
     sync: Sync = False, fps: Fps = None, codec: Codec = None, crf: Crf = 18, preset: Preset = "medium",
-    pix_fmt: PixFmt = None, pad: Pad = True, denormalize: Denorm = True, fast: Fast = False, json_out: Json = False,
-    quiet: Quiet = False,
+    pix_fmt: PixFmt = None, pad: Pad = True, denormalize: Denorm = True, exact: Exact = False, fast: Fast = False,
+    json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Decode one latents file into a video through the three-lane pipeline."""
     reporter = Reporter(quiet=quiet, as_json=json_out)
     try:
         options = DecodeOptions(vae=vae, dtype=dtype, device=device, chunk=chunk, buffers=buffers, sync=sync,
-                                denormalize=denormalize, fast=fast)
+                                denormalize=denormalize, exact=exact, fast=fast)
         encode = EncodeOptions(codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, fps=fps, pad=pad)
         with reporter:
             session = Session(reporter)
@@ -115,8 +118,8 @@ def batch(
                                                        "CONFIG_STEM.manifest.jsonl beside the config.")] = None,
     vae: Vae = None, dtype: Dtype = None, device: Device = None, chunk: Chunk = None, buffers: Buffers = None,
     sync: Sync = None, fps: Fps = None, codec: Codec = None, crf: Crf = None, preset: Preset = None,
-    pix_fmt: PixFmt = None, pad: Pad = None, denormalize: Denorm = None, fast: Fast = None, json_out: Json = False,
-    quiet: Quiet = False,
+    pix_fmt: PixFmt = None, pad: Pad = None, denormalize: Denorm = None, exact: Exact = None, fast: Fast = None,
+    json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Decode many latents files as one batch: GPU kept busy, bad jobs skipped, resumable, sharded by torchrun.
 
@@ -126,7 +129,7 @@ def batch(
 
     given = {"vae": vae, "dtype": dtype, "device": device, "chunk": chunk, "buffers": buffers, "sync": sync,
              "fps": fps, "codec": codec, "crf": crf, "preset": preset, "pix_fmt": pix_fmt, "pad": pad,
-             "denormalize": denormalize, "fast": fast}
+             "denormalize": denormalize, "exact": exact, "fast": fast}
     overrides = {k: v for k, v in given.items() if v is not None}
     reporter = Reporter(quiet=quiet, as_json=json_out)
     try:

@@ -78,11 +78,15 @@ def to_uint8_frames(video: torch.Tensor, out: torch.Tensor) -> None:
     """Write video [1, 3, F, H, W] as uint8 frames into `out` [F, H + pad, W + pad, 3], on the video's device.
 
     The conversion is diffusers' `postprocess_video` in float32 (round half to even); extra rows and columns of
-    `out`, there for chroma subsampling, repeat the last real row and column.
+    `out`, there for chroma subsampling, repeat the last real row and column. `video` may also be a piece of
+    vaepipe's engine, which writes its own frames.
     """
     f, h, w = video.shape[2:]
-    u8 = (video[0].float() * 0.5 + 0.5).clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
-    out[:f, :h, :w].copy_(u8.permute(1, 2, 3, 0))
+    if isinstance(video, torch.Tensor):
+        u8 = (video[0].float() * 0.5 + 0.5).clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+        out[:f, :h, :w].copy_(u8.permute(1, 2, 3, 0))
+    else:
+        video.write_uint8(out)
     if out.shape[2] > w:
         out[:f, :h, w:] = out[:f, :h, w - 1 : w]
     if out.shape[1] > h:

@@ -45,6 +45,8 @@ class LaneStats:
     """After the last frame went in: the encoder finishing (x264's lookahead, the mux) until the file is in place."""
     spans: list[tuple[str, int, float, float]] = field(default_factory=list)
     """(lane, chunk, start, end) in seconds since the lanes started: the timeline a trace shows."""
+    engine: dict | None = None
+    """What the engine did (policy, latent frames per call, self-check time and fallbacks), when it decoded."""
 
     @property
     def decode_utilization(self) -> float:

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .decode import decode_stream, use_fast_path
+from . import engine as engines
+from .decode import decode_stream
 from .encode import EncodeOptions, EncodePlan, Encoder, plan_encode
 from .errors import BadInput, VaepipeError
 from .latents import Latents, check_for_vae, denormalize, read_latents
@@ -30,21 +31,31 @@ class DecodeOptions:
     """bf16, fp16 or fp32; None: bf16 on CUDA, fp32 on the CPU."""
     device: str | None = None
     """cuda, cuda:N or cpu; None: cuda when there is one."""
-    chunk: int = 1
-    """Latent frames per pipeline step (each still decoded one latent frame at a time)."""
+    chunk: int | None = None
+    """Latent frames per decoder call after the first (the engine) or per pipeline step (diffusers' decoder, which
+    still decodes one at a time); None: the engine takes what fits in memory, diffusers' decoder 1."""
     buffers: int = 2
     """Slots per lane (VRAM and pinned host buffers)."""
     sync: bool = False
     """Decode, copy and encode one after another on one stream (the baseline)."""
     denormalize: bool = True
     """Undo the pipeline's latent normalisation before decoding."""
+    exact: bool = False
+    """Frames bit-identical to diffusers' `vae.decode`: on GPUs the engine's exact policy (self-checked against
+    diffusers' ops), on the CPU diffusers' own decoder."""
     fast: bool = False
-    """channels-last convs and cuDNN autotuning: faster on GPUs, no longer bit-identical to diffusers."""
+    """Kept for old command lines: the engine's fast policy is what GPUs run by default now."""
+    engine: bool | None = None
+    """Decode with vaepipe's engine; None: on CUDA for Wan VAEs. False: diffusers' own decoder, streamed. True on
+    the CPU runs the engine's PyTorch reference ops (tests)."""
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise BadInput(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if not 1 <= self.chunk <= 64:
+        if self.exact and self.fast:
+            raise BadInput("--exact and --fast contradict each other: --exact gives diffusers' bits, the default on GPUs"
+                           " is the fast engine; drop --fast")
+        if self.chunk is not None and not 1 <= self.chunk <= 64:
             raise BadInput(f"chunk must be in 1..64, got {self.chunk}")
         if not 2 <= self.buffers <= 8:
             raise BadInput(f"buffers must be in 2..8, got {self.buffers}")
@@ -90,18 +101,17 @@ class Session:
         self.reporter = reporter or Reporter(quiet=True)
         self.buffers = Buffers()
         self._vaes: dict[tuple[str, torch.dtype, torch.device], LoadedVae] = {}
+        self._engines: dict[tuple[int, bool, int | None], engines.Engine] = {}
         self.load_s = 0.0
+        self._reported: object = None
 
-    def vae(self, src: str, dtype: torch.dtype, device: torch.device, *, fast: bool = False) -> LoadedVae:
-        key = (src, dtype, device, fast)
+    def vae(self, src: str, dtype: torch.dtype, device: torch.device) -> LoadedVae:
+        key = (src, dtype, device)
         if key not in self._vaes:
             t = time.perf_counter()
             self._vaes[key] = vae = load_vae(src, dtype=dtype, device=device)
-            if fast:
-                use_fast_path(vae.model)
             self.load_s += time.perf_counter() - t
-            self.reporter.log(f"VAE {vae.source}, {str(dtype).removeprefix('torch.')} on {device}"
-                              + (", --fast (not bit-identical to diffusers)" if fast else ""))
+            self.reporter.log(f"VAE {vae.source}, {str(dtype).removeprefix('torch.')} on {device}")
             if not vae.is_wan:
                 self.reporter.log(f"warning: {type(vae.model).__name__} has no streaming decode here: it decodes each"
                                   " clip whole, so memory is not bounded")
@@ -125,7 +135,9 @@ class Session:
         outputs = output_paths(output, b)
         for o in outputs:  # container, codec and pixel format, before the VAE is loaded (sizes come after)
             plan_encode(o, width=16, height=16, fps=fps, options=encode)
-        vae = self.vae(src, dtype, device, fast=options.fast)
+        if options.fast:
+            self.reporter.log("note: --fast is the default on GPUs now (vaepipe's engine); the flag changes nothing")
+        vae = self.vae(src, dtype, device)
         check_for_vae(latents, vae.z_dim)
         scale = int(vae.model.config.get("scale_factor_spatial") or getattr(vae.model, "spatial_compression_ratio", 8))
         plans = [plan_encode(o, width=w * scale, height=h * scale, fps=fps, options=encode) for o in outputs]
@@ -163,13 +175,20 @@ class Session:
                       progress: Progress | None = None, jitter: Jitter | None = None) -> Streamed:
         """`decode_sample` up to the point where every frame is in the encoder; the caller finishes or aborts."""
         t = time.perf_counter()
+        engine = self.engine(vae, options)
+        if engine:  # one piece per step: the engine's call of several latent frames
+            pieces, step = engine.stream(z), 1
+            frames_per_chunk = engine.max_frames(*z.shape[3:])
+        else:
+            pieces, step = decode_stream(vae.model, z), options.chunk or 1
+            frames_per_chunk = step * vae.temporal_factor
         encoder = Encoder(plan)
         try:
             with torch.inference_mode():
-                stats = run_lanes(_checked_pieces(decode_stream(vae.model, z), plan), encoder, device=vae.device,
-                                  frame_shape=plan.frame_shape, frames_per_chunk=options.chunk * vae.temporal_factor,
-                                  chunk=options.chunk, buffers=self.buffers, k=options.buffers, sync=options.sync,
-                                  progress=progress, jitter=jitter)
+                stats = run_lanes(_checked_pieces(pieces, plan), encoder, device=vae.device,
+                                  frame_shape=plan.frame_shape, frames_per_chunk=frames_per_chunk, chunk=step,
+                                  buffers=self.buffers, k=options.buffers, sync=options.sync, progress=progress,
+                                  jitter=jitter)
         except torch.OutOfMemoryError as e:
             encoder.abort()
             raise VaepipeError(f"out of GPU memory while decoding {plan.dest}: {str(e).splitlines()[0]}; one latent"
@@ -181,7 +200,29 @@ class Session:
         except BaseException:
             encoder.abort()
             raise
+        if engine:
+            stats.engine = engine.report(z.shape[3:])
+            if engine.fallbacks and engine.fallbacks.keys() != self._reported:
+                self._reported = engine.fallbacks.keys()
+                self.reporter.log(f"exact: {len(engine.fallbacks)} ops run diffusers' way on this GPU (the self-check"
+                                  f" found other bits): {', '.join(engine.fallbacks)}")
         return Streamed(plan=plan, encoder=encoder, stats=stats, started=t)
+
+    def engine(self, vae: LoadedVae, options: DecodeOptions) -> engines.Engine | None:
+        """The engine that decodes with `options` (one per VAE, policy and chunk, kept for its tuned state), or None
+        for diffusers' own decoder."""
+        use = options.engine
+        if use is None:
+            use = vae.device.type == "cuda" and engines.supports(vae.model)
+        elif use and not engines.supports(vae.model):
+            raise BadInput(f"vaepipe's engine decodes Wan VAEs; {type(vae.model).__name__} has none: leave the"
+                           " engine off")
+        if not use:
+            return None
+        key = (id(vae.model), options.exact, options.chunk)
+        if key not in self._engines:
+            self._engines[key] = engines.Engine(vae.model, exact=options.exact, chunk=options.chunk)
+        return self._engines[key]
 
 
 @dataclass(slots=True)
@@ -226,8 +267,8 @@ def summarize(job: Job, plan: EncodePlan, stats: LaneStats, size: int) -> dict:
         "output": str(plan.dest), "bytes": size, "frames": stats.frames, "width": plan.width,
         "height": plan.height, "fps": plan.fps, "codec": plan.codec, "pix_fmt": plan.pix_fmt,
         "vae": job.vae.source, "dtype": str(job.vae.dtype).removeprefix("torch."), "device": str(job.vae.device),
-        "mode": "sync" if job.options.sync else "pipelined", "fast": job.options.fast, "chunk": job.options.chunk,
-        "buffers": 1 if job.options.sync else job.options.buffers,
+        "mode": "sync" if job.options.sync else "pipelined", "exact": job.options.exact,
+        "decoder": stats.engine or {"name": "diffusers"}, "buffers": 1 if job.options.sync else job.options.buffers,
         "wall_s": round(stats.wall_s, 4), "busy_s": {k: round(v, 4) for k, v in stats.busy_s.items()},
         "encoder_drain_s": round(stats.drain_s, 4),
         "decode_utilization": round(stats.decode_utilization, 4), "vaepipe": __version__,

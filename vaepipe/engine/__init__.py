@@ -1,0 +1,152 @@
+"""The decode engine for Wan VAEs (`AutoencoderKLWan`: Wan 2.1, and Wan 2.2's z48 / patch-2 / residual VAE).
+
+One engine, two arithmetic policies (kernels.py says what differs):
+- fast (the default on GPUs): fused freely, as close to an fp32 decode as diffusers' own bf16 decode;
+- exact (`--exact` on GPUs): diffusers' bits. Before the first decode of a VAE at a frame size, a self-check decodes a
+  short random clip of that size both the engine's way and diffusers' way, op by op, and every op whose bits differ
+  (another GPU, cuDNN, torch or diffusers) runs diffusers' way from then on; `fallbacks` says which.
+
+    engine = Engine(vae, exact=True)
+    for piece in engine.stream(z):        # z: [1, C, T, h, w], denormalised, on the VAE's device and dtype
+        piece.write_uint8(frames)         # uint8 [F, H, W, 3], straight from the last conv
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from . import kernels
+from .decoder import Context, Decoder, Op
+from .kernels import Pending
+
+CHUNKS = (4, 2, 1)
+"""Latent frames per decoder call after the first, largest first: the engine takes the largest that fits."""
+FRAMES_BUDGET = 64
+"""Full-resolution activation frames (of the last stage's width) the engine may hold at once: about what diffusers'
+own decode holds at its peak, so the engine never needs more memory than the decode it replaces."""
+
+
+def supports(vae: torch.nn.Module) -> bool:
+    from diffusers import AutoencoderKLWan
+
+    return isinstance(vae, AutoencoderKLWan)
+
+
+@dataclass(slots=True)
+class Piece:
+    """Frames of one decoder call, as the last conv left them; shaped like the video [1, 3, F, H, W] they make."""
+
+    value: Pending
+    op: Op
+    patch: int
+
+    @property
+    def shape(self) -> torch.Size:
+        _, c, f, h, w = self.value.shape
+        return torch.Size((1, c // (self.patch * self.patch), f, h * self.patch, w * self.patch))
+
+    def write_uint8(self, out: torch.Tensor) -> None:
+        """uint8 frames into `out` [F, H', W', 3], H' >= H and W' >= W (extra rows and columns left to the caller)."""
+        f, h, w = self.shape[2:]
+        region = out[:f, :h, :w]
+        self.op.ctx.write(self.op, [region], lambda: kernels.to_uint8(self.value, region, patch=self.patch),
+                          lambda: kernels.to_uint8_reference(self.value, region, patch=self.patch))
+
+    def video(self) -> torch.Tensor:
+        """The decoded video [1, 3, F, H, W] in [-1, 1] as diffusers returns it (for tests and fidelity checks)."""
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+        v = kernels.materialize_reference(self.value)
+        return torch.clamp(unpatchify(v, patch_size=self.patch) if self.patch > 1 else v, -1.0, 1.0).contiguous()
+
+
+class Engine:
+    def __init__(self, vae: torch.nn.Module, *, exact: bool, chunk: int | None = None):
+        self.vae = vae
+        self.exact = exact
+        self.chunk = chunk
+        """Latent frames per decoder call after the first; None: the largest of CHUNKS that fits in memory."""
+        param = next(vae.parameters())
+        self.ctx = Context(exact=exact, device=param.device)
+        self.decoder = Decoder(self.ctx, vae.decoder)
+        self.patch = vae.config.patch_size or 1
+        self.final = Op(self.ctx, "uint8 frames")
+        self.check_s = 0.0
+        """Seconds the self-checks took in all (exact policy)."""
+        self._checked: set[tuple] = set()
+
+    @property
+    def fallbacks(self) -> dict[str, str]:
+        """Ops that run diffusers' way, and why (exact policy: what the self-check found)."""
+        return dict(self.ctx.fallbacks)
+
+    def report(self, latent_size: tuple[int, int]) -> dict:
+        """For the summary: the policy, latent frames per call, self-check seconds and fallbacks."""
+        return {"name": "engine", "policy": "exact" if self.exact else "fast", "chunk": self.chunk_for(*latent_size),
+                "self_check_s": round(self.check_s, 4), "fallbacks": self.fallbacks}
+
+    def chunk_for(self, height: int, width: int) -> int:
+        """Latent frames per call for latents height x width: the largest whose activations fit in FRAMES_BUDGET
+        full-resolution frames and in half the free memory."""
+        if self.chunk:
+            return self.chunk
+        last = self.decoder.conv_out
+        size = self.vae.config.get("scale_factor_spatial") or 8
+        frame = last.channels * (height * size // self.patch) * (width * size // self.patch) * last.weight.itemsize
+        free = torch.cuda.mem_get_info(self.ctx.device)[0] if self.ctx.device.type == "cuda" else 1 << 62
+        for k in CHUNKS:
+            need = (16 + 6 * 4 * k) * frame  # caches and windows (16), about 6 live tensors per new frame
+            if need <= min(FRAMES_BUDGET * frame, free // 2):
+                return k
+        return 1
+
+    def max_frames(self, height: int, width: int) -> int:
+        """The most frames one piece holds."""
+        return self.chunk_for(height, width) * (self.vae.config.get("scale_factor_temporal") or 4)
+
+    def stream(self, z: torch.Tensor) -> Iterator[Piece]:
+        """Decode one sample `z` [1, C, T, h, w] (denormalised, on the VAE's device and dtype) piece by piece."""
+        _, _, frames, h, w = z.shape
+        k = self.chunk_for(h, w)
+        if self.exact:
+            self._self_check(h, w, k, frames)
+        yield from self._stream(z, k)
+
+    def _stream(self, z: torch.Tensor, k: int) -> Iterator[Piece]:
+        _, _, frames, h, w = z.shape
+        x = self.vae.post_quant_conv(z)  # diffusers' own call, on the whole latent as in `_decode`
+        self.decoder.setup(h, w, k)
+        # Remainders go one latent frame at a time, so that a clip of any length runs only three call shapes.
+        sizes = [1] + [k] * ((frames - 1) // k) + [1] * ((frames - 1) % k)
+        start = 0
+        for i, n in enumerate(sizes):
+            value, _ = self.decoder(x[:, :, start : start + n], first=i == 0)
+            start += n
+            yield Piece(value, self.final, self.patch)
+
+    def _self_check(self, h: int, w: int, k: int, frames: int) -> None:
+        """Decode a short random clip of this size with every op run both ways (see Context.write/compute)."""
+        key = (h, w, k, (frames - 1) % k > 0)
+        if key in self._checked:
+            return
+        t = time.perf_counter()
+        length = 1 + k + (1 if key[3] else 0)
+        gen = torch.Generator(device=self.ctx.device).manual_seed(0)
+        param = next(self.vae.parameters())
+        z = torch.randn((1, self.vae.config.z_dim, length, h, w), generator=gen, device=param.device,
+                        dtype=torch.float32).to(param.dtype)
+        self.ctx.checking = True
+        try:
+            for piece in self._stream(z, k):
+                _, _, f, ph, pw = piece.shape
+                piece.write_uint8(torch.empty((f, ph, pw, 3), dtype=torch.uint8, device=param.device))
+        finally:
+            self.ctx.checking = False
+        self._checked.add(key)
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+        self.check_s += time.perf_counter() - t

@@ -1,0 +1,389 @@
+"""diffusers' `WanDecoder3d`, rebuilt from the loaded model's weights around buffers allocated once.
+
+What changes against diffusers' own decoder (and what does not):
+- activations stay channels-last from the first conv to the last, so cuDNN runs no layout transposes;
+- each causal conv reads one window [2 cached frames | t new frames] with its zero spatial border (diffusers' F.pad)
+  already in place: its producer writes the new frames straight into the window, and the conv's own 2-frame cache
+  is copied in before and out after (no `torch.cat`, no padding per call); windows are shared by convs of one shape;
+- several latent frames per decoder call after the first (exact for causal convs);
+- the conv bias, the residual add, the RMS norm and SiLU run as one kernel, and the upsamplers' frame interleave and
+  nearest upsampling as one gather (kernels.py);
+- the attention block (once per latent frame, at latent resolution) and the post-quant conv are diffusers' own.
+
+Every op has the engine's way and diffusers' way (`reference`). The exact policy's self-check runs both on the real
+shapes and keeps diffusers' way for any op whose bits differ (see engine/__init__.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .kernels import Pending
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool) -> Iterator[None]:
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def zeros_channels_last(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last_3d).zero_()
+
+
+class Context:
+    """What the ops of one engine share: the policy, the windows, and the self-check's state."""
+
+    def __init__(self, *, exact: bool, device: torch.device):
+        self.exact = exact
+        self.device = device
+        self.sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        self.checking = False
+        """While True every op runs both ways, compares, and goes on with diffusers' result."""
+        self.fallbacks: dict[str, str] = {}
+        """Op name -> why it runs diffusers' way."""
+        self._windows: dict[tuple, torch.Tensor] = {}
+
+    def window(self, channels: int, frames: int, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """A zeroed [1, C, frames, height, width] channels-last buffer, one per shape, shared by the convs of that
+        shape (they run one after another). Only interiors are ever written, so borders stay zero."""
+        key = (channels, frames, height, width, dtype)
+        if key not in self._windows:
+            self._windows[key] = zeros_channels_last((1, channels, frames, height, width), dtype, self.device)
+        return self._windows[key]
+
+    def release(self) -> None:
+        self._windows.clear()
+
+    def write(self, op: Op, outputs: list[torch.Tensor], fast: Callable[[], None],
+              reference: Callable[[], None]) -> None:
+        """Run a writer op the engine's way (or diffusers' way where it fell back); while checking, both."""
+        if op.reference or not self.checking:
+            (reference if op.reference else fast)()
+            return
+        fast()
+        got = [o.clone() for o in outputs]
+        reference()
+        if not all(torch.equal(g, o) for g, o in zip(got, outputs, strict=True)):
+            self.fall_back(op, "its fused kernel gives other bits than diffusers' ops")
+
+    def compute(self, op: Op, fast: Callable[[], Pending], reference: Callable[[], Pending]) -> Pending:
+        """Run an op that returns a new value (a conv) the engine's way, or diffusers' way; while checking, both."""
+        if op.reference or not self.checking:
+            return reference() if op.reference else fast()
+        got = kernels.materialize_reference(fast())
+        want = reference()
+        if not torch.equal(got, kernels.materialize_reference(want)):
+            self.fall_back(op, "channels-last or several frames per call give other bits than diffusers' call")
+        return want
+
+    def fall_back(self, op: Op, why: str) -> None:
+        op.reference = True
+        self.fallbacks[op.name] = why
+
+
+class Op:
+    def __init__(self, ctx: Context, name: str):
+        self.ctx = ctx
+        self.name = name
+        self.reference = False
+        """Run diffusers' way: set by the exact policy's self-check when the engine's way gives other bits."""
+
+
+class Conv(Op):
+    """A conv of the decoder: causal 3-D (`WanCausalConv3d`, its time padding served from its own 2-frame cache) or
+    the upsamplers' 2-D one, over a window whose producer writes the new frames into `begin()`'s view."""
+
+    def __init__(self, ctx: Context, name: str, module: nn.Conv3d | nn.Conv2d):
+        super().__init__(ctx, name)
+        self.module = module
+        self.two_d = isinstance(module, nn.Conv2d)
+        if self.two_d:
+            self.time_pad, self.halo = 0, module.padding[0]
+            self.weight = module.weight.detach().to(memory_format=torch.channels_last)
+        else:  # WanCausalConv3d: diffusers' F.pad amounts (w, w, h, h, 2 * t, 0)
+            self.time_pad, self.halo = module._padding[4], module._padding[0]
+            self.weight = module.weight.detach().to(memory_format=torch.channels_last_3d)
+        self.bias = module.bias.detach()
+        self.cache: torch.Tensor | None = None
+        self._window: torch.Tensor | None = None
+
+    @property
+    def channels(self) -> int:
+        return self.weight.shape[1]
+
+    def setup(self, height: int, width: int, frames: int) -> None:
+        """Size the window for up to `frames` new frames of height x width, and zero the cache."""
+        self.size = (height, width)
+        self.max_frames = frames
+        if self.time_pad:
+            self.cache = zeros_channels_last((1, self.channels, self.time_pad, height + 2 * self.halo,
+                                              width + 2 * self.halo), self.weight.dtype, self.weight.device)
+
+    def reset(self) -> None:
+        if self.cache is not None:
+            self.cache.zero_()
+
+    def begin(self, frames: int) -> torch.Tensor:
+        """The view [1, C, frames, H, W] the producer writes the new frames into."""
+        h, w = self.size
+        full = self.ctx.window(self.channels, self.time_pad + self.max_frames, h + 2 * self.halo, w + 2 * self.halo,
+                               self.weight.dtype)
+        self._window = full[:, :, : self.time_pad + frames]
+        if self.time_pad:
+            self._window[:, :, : self.time_pad].copy_(self.cache)
+        p = self.halo
+        return self._window[:, :, self.time_pad :, p : p + h, p : p + w]
+
+    def finish(self, frames: int, per_call: int) -> Pending:
+        """Run the conv over the window; keep its last 2 input frames as the next call's cache. `per_call` is the
+        frame count of diffusers' per-latent-frame calls at this layer (its call extent)."""
+        window = self._window
+        out = self.ctx.compute(self, lambda: self._fast(window), lambda: self._reference(window, frames, per_call))
+        if self.time_pad:
+            self.cache.copy_(window[:, :, frames : frames + self.time_pad])
+        return out
+
+    def _fast(self, window: torch.Tensor) -> Pending:
+        with cudnn_benchmark(True):
+            if self.two_d:  # [1, C, T, H, W] channels-last-3d is [T, C, H, W] channels-last: no copy either way
+                out = F.conv2d(window.permute(0, 2, 1, 3, 4)[0], self.weight)
+                return Pending(out.unsqueeze(0).permute(0, 2, 1, 3, 4), self.bias)
+            return Pending(F.conv3d(window, self.weight), self.bias)
+
+    def _reference(self, window: torch.Tensor, frames: int, per_call: int) -> Pending:
+        """diffusers' calls: NCDHW, per latent frame, bias inside, default (untuned) algorithms."""
+        outs = []
+        with cudnn_benchmark(False):
+            for s in range(0, frames, per_call):
+                if self.two_d:  # diffusers pads inside nn.Conv2d: hand it the interior
+                    p = self.halo
+                    x = window[:, :, s : s + per_call, p : window.shape[3] - p, p : window.shape[4] - p]
+                    y = self.module(x.permute(0, 2, 1, 3, 4)[0].contiguous())
+                    outs.append(y.unsqueeze(0).permute(0, 2, 1, 3, 4))
+                else:
+                    x = window[:, :, s : s + self.time_pad + per_call].contiguous()
+                    outs.append(F.conv3d(x, self.module.weight, self.module.bias))
+        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+        return Pending(out.contiguous(memory_format=torch.channels_last_3d))
+
+    def apply(self, x: torch.Tensor, per_call: int) -> torch.Tensor:
+        """A 1x1x1 conv (the residual shortcut) on a tensor, materialised."""
+        def fast() -> Pending:
+            with cudnn_benchmark(True):
+                return Pending(F.conv3d(x, self.weight), self.bias)
+
+        def reference() -> Pending:
+            with cudnn_benchmark(False):
+                outs = [self.module(x[:, :, s : s + per_call].contiguous()) for s in range(0, x.shape[2], per_call)]
+            return Pending(torch.cat(outs, 2).contiguous(memory_format=torch.channels_last_3d))
+
+        return kernels.materialize_reference(self.ctx.compute(self, fast, reference))
+
+
+class Norm(Op):
+    """WanRMS_norm + SiLU (with the pending bias and residual add of its input) into the next conv's window."""
+
+    def __init__(self, ctx: Context, name: str, module: nn.Module):
+        super().__init__(ctx, name)
+        self.gamma = module.gamma.detach().reshape(-1).contiguous()
+
+    def __call__(self, src: Pending, y: torch.Tensor, x: torch.Tensor | None, per_call: int) -> None:
+        ctx = self.ctx
+        plan = None
+        if ctx.exact:
+            c, h, w = src.shape[1], src.shape[3], src.shape[4]
+            split, ctas = kernels.reduction_plan(c, per_call * h * w, sms=ctx.sms)
+            if split > 16 or ctas * -(-c // (split * ctas)) > 128:  # too wide to unroll: diffusers' op
+                ctx.fall_back(self, f"PyTorch splits this {c}-channel sum over {ctas} blocks")
+            plan = (split, ctas, True)
+
+        def fast() -> None:
+            kernels.norm_silu(src, self.gamma, y, x, exact=ctx.exact, frames_per_call=per_call, plan=plan)
+
+        def reference() -> None:
+            v = kernels.materialize_reference(src)
+            if x is not None:
+                x.copy_(v)
+            y.copy_(kernels.norm_silu_reference(v, self.gamma, exact=ctx.exact, frames_per_call=per_call))
+
+        ctx.write(self, [y] if x is None else [y, x], fast, reference)
+
+
+class Gather(Op):
+    """Pure data movement after the pending bias add: the upsamplers' interleave and nearest upsampling, or a plain
+    materialisation (scale 1) into a window."""
+
+    def __call__(self, src: Pending, out: torch.Tensor, *, scale: int, interleave: bool) -> None:
+        self.ctx.write(self, [out], lambda: kernels.upsample(src, out, scale=scale, interleave=interleave),
+                       lambda: out.copy_(kernels.upsample_reference(src, scale=scale, interleave=interleave)))
+
+
+class ResBlock:
+    def __init__(self, ctx: Context, name: str, m: nn.Module):
+        self.ctx = ctx
+        self.norm1, self.conv1 = Norm(ctx, f"{name}.norm1", m.norm1), Conv(ctx, f"{name}.conv1", m.conv1)
+        self.norm2, self.conv2 = Norm(ctx, f"{name}.norm2", m.norm2), Conv(ctx, f"{name}.conv2", m.conv2)
+        self.shortcut = Conv(ctx, f"{name}.conv_shortcut", m.conv_shortcut) if isinstance(
+            m.conv_shortcut, nn.Conv3d) else None
+
+    def convs(self) -> list[Conv]:
+        return [self.conv1, self.conv2] + ([self.shortcut] if self.shortcut else [])
+
+    def setup(self, h: int, w: int, frames: int) -> None:
+        self.conv1.setup(h, w, frames)
+        self.conv2.setup(h, w, frames)
+
+    def __call__(self, x: Pending, frames: int, per_call: int) -> Pending:
+        if x.bias is None and x.res is None:
+            x_in, store = x.raw, None
+        else:  # materialise x while normalising it: the residual needs it
+            x_in = store = torch.empty(x.shape, dtype=x.raw.dtype, device=x.raw.device,
+                                       memory_format=torch.channels_last_3d)
+        self.norm1(x, self.conv1.begin(frames), store, per_call)
+        del x
+        h = self.conv1.finish(frames, per_call)
+        self.norm2(h, self.conv2.begin(frames), None, per_call)
+        del h
+        out = self.conv2.finish(frames, per_call)
+        residual = x_in if self.shortcut is None else self.shortcut.apply(x_in, per_call)
+        return Pending(out.raw, out.bias, residual)
+
+
+class Attention:
+    """diffusers' own WanAttentionBlock: once per latent frame, at latent resolution."""
+
+    def __init__(self, ctx: Context, module: nn.Module):
+        self.ctx, self.module = ctx, module
+
+    def __call__(self, x: Pending, frames: int) -> Pending:
+        v = kernels.materialize_reference(x).contiguous()
+        if self.ctx.exact:  # diffusers' call extent: one frame
+            out = torch.cat([self.module(v[:, :, i : i + 1]) for i in range(frames)], dim=2)
+        else:
+            out = self.module(v)
+        return Pending(out.contiguous(memory_format=torch.channels_last_3d))
+
+
+class Upsample:
+    """WanResample in upsample2d or upsample3d mode: [time conv ->] interleave + nearest 2x -> 2-D conv."""
+
+    def __init__(self, ctx: Context, name: str, m: nn.Module):
+        self.temporal = m.mode == "upsample3d"
+        self.time_conv = Conv(ctx, f"{name}.time_conv", m.time_conv) if self.temporal else None
+        self.conv = Conv(ctx, f"{name}.resample.1", m.resample[1])
+        self.into_window = Gather(ctx, f"{name}.time_conv.input")
+        self.gather = Gather(ctx, f"{name}.upsample")
+
+    def convs(self) -> list[Conv]:
+        return [self.conv] + ([self.time_conv] if self.time_conv else [])
+
+    def setup(self, h: int, w: int, frames: int) -> tuple[int, int, int]:
+        if self.temporal:
+            self.time_conv.setup(h, w, frames)
+            frames *= 2
+        self.conv.setup(2 * h, 2 * w, frames)
+        return 2 * h, 2 * w, frames
+
+    def __call__(self, x: Pending, frames: int, per_call: int, first: bool) -> tuple[Pending, int, int]:
+        interleave = False
+        if self.temporal:
+            view = self.time_conv.begin(frames)
+            self.into_window(x, view, scale=1, interleave=False)
+            if first:  # diffusers' "Rep": the first latent frame skips the time conv, whose cache stays zero
+                x = Pending(view)
+            else:
+                x = self.time_conv.finish(frames, per_call)
+                interleave, frames, per_call = True, frames * 2, per_call * 2
+        self.gather(x, self.conv.begin(frames), scale=2, interleave=interleave)
+        del x
+        return self.conv.finish(frames, per_call), frames, per_call
+
+
+class UpBlock:
+    """WanUpBlock (Wan 2.1) or WanResidualUpBlock (Wan 2.2: its DupUp3D shortcut around the block)."""
+
+    def __init__(self, ctx: Context, name: str, m: nn.Module):
+        self.resnets = [ResBlock(ctx, f"{name}.resnets.{i}", r) for i, r in enumerate(m.resnets)]
+        upsampler = getattr(m, "upsampler", None) or (m.upsamplers[0] if getattr(m, "upsamplers", None) else None)
+        prefix = f"{name}.upsampler" if hasattr(m, "upsampler") else f"{name}.upsamplers.0"
+        self.upsampler = Upsample(ctx, prefix, upsampler) if upsampler is not None else None
+        self.shortcut = getattr(m, "avg_shortcut", None)
+
+    def convs(self) -> list[Conv]:
+        return [c for r in self.resnets for c in r.convs()] + (self.upsampler.convs() if self.upsampler else [])
+
+    def setup(self, h: int, w: int, frames: int) -> tuple[int, int, int]:
+        for r in self.resnets:
+            r.setup(h, w, frames)
+        return self.upsampler.setup(h, w, frames) if self.upsampler else (h, w, frames)
+
+    def __call__(self, x: Pending, frames: int, per_call: int, first: bool) -> tuple[Pending, int, int]:
+        if self.shortcut is not None:
+            x_in = kernels.materialize_reference(x)
+            x = Pending(x_in)
+        for r in self.resnets:
+            x = r(x, frames, per_call)
+        if self.upsampler:
+            x, frames, per_call = self.upsampler(x, frames, per_call, first)
+        if self.shortcut is not None:  # data movement only: diffusers' own module
+            x = Pending(x.raw, x.bias, self.shortcut(x_in.contiguous(), first_chunk=first))
+        return x, frames, per_call
+
+
+class Decoder:
+    """WanDecoder3d as a function of one chunk of post-quant latents: [1, z, t, h, w] -> the last conv's output."""
+
+    def __init__(self, ctx: Context, decoder: nn.Module):
+        self.ctx = ctx
+        self.conv_in = Conv(ctx, "conv_in", decoder.conv_in)
+        mid = decoder.mid_block
+        self.mid = [ResBlock(ctx, "mid_block.resnets.0", mid.resnets[0]), Attention(ctx, mid.attentions[0]),
+                    ResBlock(ctx, "mid_block.resnets.1", mid.resnets[1])]
+        self.up_blocks = [UpBlock(ctx, f"up_blocks.{i}", b) for i, b in enumerate(decoder.up_blocks)]
+        self.norm_out = Norm(ctx, "norm_out", decoder.norm_out)
+        self.conv_out = Conv(ctx, "conv_out", decoder.conv_out)
+        self.size: tuple[int, int, int] | None = None
+
+    def convs(self) -> list[Conv]:
+        return [self.conv_in, *self.mid[0].convs(), *self.mid[2].convs(),
+                *(c for b in self.up_blocks for c in b.convs()), self.conv_out]
+
+    def setup(self, h: int, w: int, frames: int) -> None:
+        """Size every window and cache for latents h x w and up to `frames` latent frames per call (once per size);
+        zero the caches for a new clip."""
+        if self.size != (h, w, frames):
+            self.size = (h, w, frames)
+            self.ctx.release()
+            self.conv_in.setup(h, w, frames)
+            for r in (self.mid[0], self.mid[2]):
+                r.setup(h, w, frames)
+            for block in self.up_blocks:
+                h, w, frames = block.setup(h, w, frames)
+            self.conv_out.setup(h, w, frames)
+        for conv in self.convs():
+            conv.reset()
+
+    def __call__(self, latents: torch.Tensor, first: bool) -> tuple[Pending, int]:
+        frames = latents.shape[2]
+        self.conv_in.begin(frames).copy_(latents)
+        x = self.conv_in.finish(frames, 1)
+        x = self.mid[0](x, frames, 1)
+        x = self.mid[1](x, frames)
+        x = self.mid[2](x, frames, 1)
+        per_call = 1
+        for block in self.up_blocks:
+            x, frames, per_call = block(x, frames, per_call, first)
+        self.norm_out(x, self.conv_out.begin(frames), None, per_call)
+        del x
+        return self.conv_out.finish(frames, per_call), frames
