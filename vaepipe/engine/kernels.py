@@ -151,35 +151,22 @@ def reduction_plan(channels: int, pixels: int, *, sms: int, threads_per_sm: int 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton kernels. Sizes, strides and flags are runtime arguments (not specialised), so that a whole decode compiles
+# a handful of variants: the first call of a process pays seconds of compilation, not minutes.
 
 if triton is not None:
+    _RUNTIME = ["n_pix", "H", "W", "C", "has_bias", "has_res", "store_x", "r_st", "r_sh", "r_sw", "q_st",
+                "q_sh", "q_sw", "x_st", "x_sh", "x_sw", "y_st", "y_sh", "y_sw", "o_st", "o_sh", "o_sw", "o_sf"]
+
+    def _jit(fn):
+        names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
+        return triton.jit(fn, do_not_specialize=[n for n in _RUNTIME if n in names])
 
     @triton.jit
     def _pixels(p, H, W):
         """Pixel index -> (frame, row, column), int64 so that offsets never overflow."""
         p = p.to(tl.int64)
         return p // (H * W), (p // W) % H, p % W
-
-    @triton.jit
-    def _materialize(raw_ptr, bias_ptr, res_ptr, raw_off, res_off, c, mask, HAS_BIAS: tl.constexpr,
-                     HAS_RES: tl.constexpr, INTERPRET: tl.constexpr):
-        io: tl.constexpr = raw_ptr.dtype.element_ty
-        v = tl.load(raw_ptr + raw_off, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            b = tl.load(bias_ptr + (raw_off * 0 + c), mask=mask, other=0.0).to(tl.float32)
-            v = _rounded(v + b, io, INTERPRET)
-        if HAS_RES:
-            v = _rounded(v + tl.load(res_ptr + res_off, mask=mask, other=0.0).to(tl.float32), io, INTERPRET)
-        return v
-
-    @triton.jit
-    def _expf(x, INTERPRET: tl.constexpr):
-        # CUDA's own expf (what PyTorch's SiLU calls); the CPU interpreter has no libdevice
-        if INTERPRET:
-            return tl.exp(x)
-        else:
-            return libdevice.exp(x)
 
     @triton.jit
     def _rounded(v, io: tl.constexpr, INTERPRET: tl.constexpr):
@@ -193,6 +180,26 @@ if triton is not None:
             return u.to(tl.float32, bitcast=True)
         else:
             return v.to(io).to(tl.float32)
+
+    @triton.jit
+    def _materialize(raw_ptr, bias_ptr, res_ptr, raw_off, res_off, c, mask, has_bias, has_res,
+                     INTERPRET: tl.constexpr):
+        io: tl.constexpr = raw_ptr.dtype.element_ty
+        v = tl.load(raw_ptr + raw_off, mask=mask, other=0.0).to(tl.float32)
+        if has_bias:
+            b = tl.load(bias_ptr + (raw_off * 0 + c), mask=mask, other=0.0).to(tl.float32)
+            v = _rounded(v + b, io, INTERPRET)
+        if has_res:
+            v = _rounded(v + tl.load(res_ptr + res_off, mask=mask, other=0.0).to(tl.float32), io, INTERPRET)
+        return v
+
+    @triton.jit
+    def _expf(x, INTERPRET: tl.constexpr):
+        # CUDA's own expf (what PyTorch's SiLU calls); the CPU interpreter has no libdevice
+        if INTERPRET:
+            return tl.exp(x)
+        else:
+            return libdevice.exp(x)
 
     @triton.jit
     def _round_half_even(v):
@@ -223,42 +230,47 @@ if triton is not None:
         return tl.reshape(v, (BLOCK_P,))
 
     @triton.jit
-    def _ordered_sum_of_squares(raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc, pmask,
-                                C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                HAS_RES: tl.constexpr, SPLIT: tl.constexpr, CTAS: tl.constexpr, K: tl.constexpr,
-                                FMA: tl.constexpr, INTERPRET: tl.constexpr):
-        """The sum of squares of each pixel's C values in the order `reduction_plan` describes."""
+    def _accumulate(acc, k, g, y, ctas, C, raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc, pmask,
+                    has_bias, has_res, SPLIT: tl.constexpr, FMA: tl.constexpr, INTERPRET: tl.constexpr):
+        c = k * ctas * SPLIT + g * SPLIT + y
+        m = pmask[:, None] & (c < C)[None, :]
+        v = _materialize(raw_ptr, bias_ptr, res_ptr, raw_pix[:, None] + c[None, :] * r_sc,
+                         res_pix[:, None] + c[None, :] * q_sc, c[None, :], m, has_bias, has_res, INTERPRET)
+        return _square_add(v, acc, FMA)
+
+    @triton.jit
+    def _ordered_sum_of_squares(raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc, pmask, C,
+                                K: tl.constexpr, ctas: tl.constexpr, has_bias, has_res, BLOCK_P: tl.constexpr,
+                                SPLIT: tl.constexpr, FMA: tl.constexpr, INTERPRET: tl.constexpr):
+        """The sum of squares of each pixel's C values in the order `reduction_plan` describes: thread y of CTA g
+        takes value k = 0, 1, ... K - 1 of its share into accumulator k mod 4 (masked values add zeros, which change
+        no sum of squares)."""
         y = tl.arange(0, SPLIT)
         gathered = tl.zeros([BLOCK_P, SPLIT], tl.float32)  # what the last CTA's thread y sums of the CTAs' sums
-        for g in tl.static_range(CTAS):
+        for g in range(ctas):
             a0 = tl.zeros([BLOCK_P, SPLIT], tl.float32)
             a1 = tl.zeros([BLOCK_P, SPLIT], tl.float32)
             a2 = tl.zeros([BLOCK_P, SPLIT], tl.float32)
             a3 = tl.zeros([BLOCK_P, SPLIT], tl.float32)
-            for k in tl.static_range(K):
-                c = k * CTAS * SPLIT + g * SPLIT + y
-                m = pmask[:, None] & (c < C)[None, :]
-                v = _materialize(raw_ptr, bias_ptr, res_ptr, raw_pix[:, None] + c[None, :] * r_sc,
-                                 res_pix[:, None] + c[None, :] * q_sc, c[None, :], m, HAS_BIAS, HAS_RES, INTERPRET)
-                if k % 4 == 0:
-                    a0 = _square_add(v, a0, FMA)
-                elif k % 4 == 1:
-                    a1 = _square_add(v, a1, FMA)
-                elif k % 4 == 2:
-                    a2 = _square_add(v, a2, FMA)
-                else:
-                    a3 = _square_add(v, a3, FMA)
+            for k in range(0, K, 4):
+                a0 = _accumulate(a0, k, g, y, ctas, C, raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc, pmask,
+                                 has_bias, has_res, SPLIT, FMA, INTERPRET)
+                a1 = _accumulate(a1, k + 1, g, y, ctas, C, raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc,
+                                 pmask, has_bias, has_res, SPLIT, FMA, INTERPRET)
+                a2 = _accumulate(a2, k + 2, g, y, ctas, C, raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc,
+                                 pmask, has_bias, has_res, SPLIT, FMA, INTERPRET)
+                a3 = _accumulate(a3, k + 3, g, y, ctas, C, raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc,
+                                 pmask, has_bias, has_res, SPLIT, FMA, INTERPRET)
             part = _halving_sum(((a0 + a1) + a2) + a3, BLOCK_P, SPLIT)
             gathered += tl.where((y == g % SPLIT)[None, :], part[:, None], 0.0)
         return _halving_sum(gathered, BLOCK_P, SPLIT)
 
-    @triton.jit
-    def _norm_silu_kernel(raw_ptr, bias_ptr, res_ptr, gamma_ptr, x_ptr, y_ptr, n_pix, H, W,
-                          r_st, r_sh, r_sw, r_sc, q_st, q_sh, q_sw, q_sc, x_st, x_sh, x_sw, x_sc,
-                          y_st, y_sh, y_sw, y_sc, scale,
-                          C: tl.constexpr, C_PAD: tl.constexpr, BLOCK_P: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          HAS_RES: tl.constexpr, STORE_X: tl.constexpr, EXACT: tl.constexpr, SPLIT: tl.constexpr,
-                          CTAS: tl.constexpr, K: tl.constexpr, FMA: tl.constexpr, INTERPRET: tl.constexpr):
+    @_jit
+    def _norm_silu_kernel(raw_ptr, bias_ptr, res_ptr, gamma_ptr, x_ptr, y_ptr, n_pix, H, W, C,
+                          has_bias, has_res, store_x, r_st, r_sh, r_sw, r_sc, q_st, q_sh, q_sw, q_sc,
+                          x_st, x_sh, x_sw, x_sc, y_st, y_sh, y_sw, y_sc, scale,
+                          C_PAD: tl.constexpr, BLOCK_P: tl.constexpr, EXACT: tl.constexpr, SPLIT: tl.constexpr,
+                          K: tl.constexpr, CTAS: tl.constexpr, FMA: tl.constexpr, INTERPRET: tl.constexpr):
         """x = raw (+ bias) (+ res); optionally stores x; stores SiLU(RMSNorm(x) * gamma) into y.
 
         Fuses what diffusers runs as ten kernels (bias add, residual add, float cast, norm, clamp, division, cast,
@@ -273,13 +285,13 @@ if triton is not None:
         c = tl.arange(0, C_PAD)
         m = pmask[:, None] & (c < C)[None, :]
         v = _materialize(raw_ptr, bias_ptr, res_ptr, raw_pix[:, None] + c[None, :] * r_sc,
-                         res_pix[:, None] + c[None, :] * q_sc, c[None, :], m, HAS_BIAS, HAS_RES, INTERPRET)
-        if STORE_X:
+                         res_pix[:, None] + c[None, :] * q_sc, c[None, :], m, has_bias, has_res, INTERPRET)
+        if store_x:
             tl.store(x_ptr + (t * x_st + h * x_sh + w * x_sw)[:, None] + c[None, :] * x_sc, v.to(io), mask=m)
         gamma = tl.load(gamma_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
         if EXACT:
-            ss = _ordered_sum_of_squares(raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc, pmask, C,
-                                         BLOCK_P, HAS_BIAS, HAS_RES, SPLIT, CTAS, K, FMA, INTERPRET)
+            ss = _ordered_sum_of_squares(raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc, pmask, C, K, CTAS,
+                                         has_bias, has_res, BLOCK_P, SPLIT, FMA, INTERPRET)
             d = tl.maximum(tl.sqrt_rn(ss), 1e-12)
             n = _rounded(tl.div_rn(v, d[:, None]), io, INTERPRET)
             n = _rounded(n * scale, io, INTERPRET)
@@ -292,17 +304,16 @@ if triton is not None:
             out = _rounded(n * tl.sigmoid(n), io, INTERPRET)
         tl.store(y_ptr + (t * y_st + h * y_sh + w * y_sw)[:, None] + c[None, :] * y_sc, out.to(io), mask=m)
 
-    @triton.jit
-    def _upsample_kernel(raw_ptr, bias_ptr, res_ptr, out_ptr, n_pix, H, W, C,
+    @_jit
+    def _upsample_kernel(raw_ptr, bias_ptr, res_ptr, out_ptr, n_pix, H, W, C, has_bias, has_res,
                          r_st, r_sh, r_sw, r_sc, q_st, q_sh, q_sw, q_sc, o_st, o_sh, o_sw, o_sc,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, SCALE: tl.constexpr,
-                         INTERLEAVE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                         INTERPRET: tl.constexpr):
+                         INTERLEAVE: tl.constexpr, INTERPRET: tl.constexpr):
         """out[f, y, x, c] = src[f // 2, y // S, x // S, (f % 2) * C + c] (interleave) or src[f, y // S, x // S, c].
 
         The time conv's two channel halves become frame pairs and each pixel becomes an S x S block, written into the
         next conv's input window in one pass: diffusers makes four copies (reshape, stack, permute, upsample)."""
-        io = out_ptr.dtype.element_ty
+        io: tl.constexpr = out_ptr.dtype.element_ty
         p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         pmask = p < n_pix
@@ -317,11 +328,11 @@ if triton is not None:
         sy = y // SCALE
         sx = x // SCALE
         v = _materialize(raw_ptr, bias_ptr, res_ptr, (src_t * r_st + sy * r_sh + sx * r_sw)[:, None] + src_c * r_sc,
-                         (src_t * q_st + sy * q_sh + sx * q_sw)[:, None] + src_c * q_sc, src_c, m, HAS_BIAS, HAS_RES,
+                         (src_t * q_st + sy * q_sh + sx * q_sw)[:, None] + src_c * q_sc, src_c, m, has_bias, has_res,
                          INTERPRET)
         tl.store(out_ptr + (f * o_st + y * o_sh + x * o_sw)[:, None] + c[None, :] * o_sc, v.to(io), mask=m)
 
-    @triton.jit
+    @_jit
     def _to_uint8_kernel(raw_ptr, bias_ptr, out_ptr, n_pix, H, W, r_st, r_sh, r_sw, r_sc, o_sf, o_sh, o_sw,
                          BLOCK_P: tl.constexpr, PATCH: tl.constexpr, INTERPRET: tl.constexpr):
         """uint8 RGB from the last conv: its bias, Wan 2.2's unpatchify, clamp(-1, 1), then postprocess_video's
@@ -375,11 +386,11 @@ def norm_silu(src: Pending, gamma: torch.Tensor, y: torch.Tensor, x: torch.Tenso
     split, ctas, fma = plan if exact else (1, 1, True)
     raw, bias, res, rs, qs = _operands(src)
     _norm_silu_kernel[(triton.cdiv(n_pix, block_p),)](
-        raw, bias, res, gamma, x if x is not None else y, y, n_pix, h, w, *rs, *qs,
-        *_strides(x if x is not None else y), *_strides(y), float(c**0.5),
-        C=c, C_PAD=c_pad, BLOCK_P=block_p, HAS_BIAS=src.bias is not None, HAS_RES=src.res is not None,
-        STORE_X=x is not None, EXACT=exact, SPLIT=split, CTAS=ctas, K=-(-c // (split * ctas)), FMA=fma, INTERPRET=_interpreting(),
-        num_warps=4)
+        raw, bias, res, gamma, x if x is not None else y, y, n_pix, h, w, c,
+        int(src.bias is not None), int(src.res is not None), int(x is not None), *rs, *qs, *_strides(x if x is not None else y),
+        *_strides(y), float(c**0.5),
+        C_PAD=c_pad, BLOCK_P=block_p, EXACT=exact, SPLIT=split, K=-(-c // (split * ctas)) if exact else 0,
+        CTAS=ctas, FMA=fma, INTERPRET=_interpreting(), num_warps=4)
 
 
 def upsample(src: Pending, out: torch.Tensor, *, scale: int, interleave: bool) -> None:
@@ -393,9 +404,10 @@ def upsample(src: Pending, out: torch.Tensor, *, scale: int, interleave: bool) -
     block_p = max(1, 4096 // block_c)
     raw, bias, res, rs, qs = _operands(src)
     _upsample_kernel[(triton.cdiv(n_pix, block_p), triton.cdiv(c, block_c))](
-        raw, bias, res, out, n_pix, h, w, c, *rs, *qs, *_strides(out),
-        BLOCK_P=block_p, BLOCK_C=block_c, SCALE=scale, INTERLEAVE=interleave, HAS_BIAS=src.bias is not None,
-        HAS_RES=src.res is not None, INTERPRET=_interpreting(), num_warps=4)
+        raw, bias, res, out, n_pix, h, w, c, int(src.bias is not None), int(src.res is not None), *rs, *qs,
+        *_strides(out),
+        BLOCK_P=block_p, BLOCK_C=block_c, SCALE=scale, INTERLEAVE=interleave, INTERPRET=_interpreting(),
+        num_warps=4)
 
 
 def to_uint8(src: Pending, out: torch.Tensor, *, patch: int) -> None:
