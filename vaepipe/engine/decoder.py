@@ -52,18 +52,20 @@ class Context:
         """While True every op runs both ways, compares, and goes on with diffusers' result."""
         self.fallbacks: dict[str, str] = {}
         """Op name -> why it runs diffusers' way."""
-        self._windows: dict[tuple, torch.Tensor] = {}
 
-    def window(self, channels: int, frames: int, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-        """A zeroed [1, C, frames, height, width] channels-last buffer, one per shape, shared by the convs of that
-        shape (they run one after another). Only interiors are ever written, so borders stay zero."""
-        key = (channels, frames, height, width, dtype)
-        if key not in self._windows:
-            self._windows[key] = zeros_channels_last((1, channels, frames, height, width), dtype, self.device)
-        return self._windows[key]
-
-    def release(self) -> None:
-        self._windows.clear()
+    @staticmethod
+    def window(channels: int, frames: int, height: int, width: int, halo: int, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+        """A [1, C, frames, height, width] channels-last conv input with a zero border of `halo` pixels (diffusers'
+        F.pad). A new tensor per call, so that the caching allocator lends each window's memory to the next: only
+        one window is alive at a time, and the producer writes every interior value."""
+        window = torch.empty((1, channels, frames, height, width), dtype=dtype, device=device,
+                             memory_format=torch.channels_last_3d)
+        if halo:
+            for edge in (window[:, :, :, :halo], window[:, :, :, -halo:], window[:, :, :, :, :halo],
+                         window[:, :, :, :, -halo:]):
+                edge.zero_()
+        return window
 
     def write(self, op: Op, outputs: list[torch.Tensor], fast: Callable[[], None],
               reference: Callable[[], None]) -> None:
@@ -129,9 +131,8 @@ class Conv(Op):
     def begin(self, frames: int) -> torch.Tensor:
         """The view [1, C, frames, H, W] the producer writes the new frames into."""
         h, w = self.size
-        full = self.ctx.window(self.channels, self.time_pad + self.max_frames, h + 2 * self.halo, w + 2 * self.halo,
-                               self.weight.dtype)
-        self._window = full[:, :, : self.time_pad + frames]
+        self._window = self.ctx.window(self.channels, self.time_pad + frames, h + 2 * self.halo, w + 2 * self.halo,
+                                       self.halo, self.weight.dtype, self.weight.device)
         if self.time_pad:
             self._window[:, :, : self.time_pad].copy_(self.cache)
         p = self.halo
@@ -140,7 +141,7 @@ class Conv(Op):
     def finish(self, frames: int, per_call: int) -> Pending:
         """Run the conv over the window; keep its last 2 input frames as the next call's cache. `per_call` is the
         frame count of diffusers' per-latent-frame calls at this layer (its call extent)."""
-        window = self._window
+        window, self._window = self._window, None
         out = self._run(frames, lambda tuned: self._fast(window, tuned),
                         lambda: self._reference(window, frames, per_call))
         if self.time_pad:
@@ -377,7 +378,6 @@ class Decoder:
         zero the caches for a new clip."""
         if self.size != (h, w, frames):
             self.size = (h, w, frames)
-            self.ctx.release()
             self.conv_in.setup(h, w, frames)
             for r in (self.mid[0], self.mid[2]):
                 r.setup(h, w, frames)

@@ -155,8 +155,8 @@ def reduction_plan(channels: int, pixels: int, *, sms: int, threads_per_sm: int 
 # a handful of variants: the first call of a process pays seconds of compilation, not minutes.
 
 if triton is not None:
-    _RUNTIME = ["n_pix", "H", "W", "C", "has_bias", "has_res", "store_x", "r_st", "r_sh", "r_sw", "q_st",
-                "q_sh", "q_sw", "x_st", "x_sh", "x_sw", "y_st", "y_sh", "y_sw", "o_st", "o_sh", "o_sw", "o_sf"]
+    # Strides stay specialised: knowing them divisible by 16 is what lets Triton issue vector loads.
+    _RUNTIME = ["n_pix", "H", "W", "C", "has_bias", "has_res", "store_x"]
 
     def _jit(fn):
         names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
@@ -182,12 +182,13 @@ if triton is not None:
             return v.to(io).to(tl.float32)
 
     @triton.jit
-    def _materialize(raw_ptr, bias_ptr, res_ptr, raw_off, res_off, c, mask, has_bias, has_res,
+    def _materialize(raw_ptr, bias_ptr, res_ptr, raw_off, res_off, c, cmask, mask, has_bias, has_res,
                      INTERPRET: tl.constexpr):
+        """raw (+ bias[c]) (+ res), rounded as diffusers rounds; `c`, `cmask` broadcast against the pixels."""
         io: tl.constexpr = raw_ptr.dtype.element_ty
         v = tl.load(raw_ptr + raw_off, mask=mask, other=0.0).to(tl.float32)
         if has_bias:
-            b = tl.load(bias_ptr + (raw_off * 0 + c), mask=mask, other=0.0).to(tl.float32)
+            b = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)
             v = _rounded(v + b, io, INTERPRET)
         if has_res:
             v = _rounded(v + tl.load(res_ptr + res_off, mask=mask, other=0.0).to(tl.float32), io, INTERPRET)
@@ -233,9 +234,10 @@ if triton is not None:
     def _accumulate(acc, k, g, y, ctas, C, raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc, pmask,
                     has_bias, has_res, SPLIT: tl.constexpr, FMA: tl.constexpr, INTERPRET: tl.constexpr):
         c = k * ctas * SPLIT + g * SPLIT + y
-        m = pmask[:, None] & (c < C)[None, :]
+        cm = (c < C)[None, :]
         v = _materialize(raw_ptr, bias_ptr, res_ptr, raw_pix[:, None] + c[None, :] * r_sc,
-                         res_pix[:, None] + c[None, :] * q_sc, c[None, :], m, has_bias, has_res, INTERPRET)
+                         res_pix[:, None] + c[None, :] * q_sc, c[None, :], cm, pmask[:, None] & cm, has_bias, has_res,
+                         INTERPRET)
         return _square_add(v, acc, FMA)
 
     @triton.jit
@@ -283,9 +285,10 @@ if triton is not None:
         raw_pix = t * r_st + h * r_sh + w * r_sw
         res_pix = t * q_st + h * q_sh + w * q_sw
         c = tl.arange(0, C_PAD)
-        m = pmask[:, None] & (c < C)[None, :]
+        cm = (c < C)[None, :]
+        m = pmask[:, None] & cm
         v = _materialize(raw_ptr, bias_ptr, res_ptr, raw_pix[:, None] + c[None, :] * r_sc,
-                         res_pix[:, None] + c[None, :] * q_sc, c[None, :], m, has_bias, has_res, INTERPRET)
+                         res_pix[:, None] + c[None, :] * q_sc, c[None, :], cm, m, has_bias, has_res, INTERPRET)
         if store_x:
             tl.store(x_ptr + (t * x_st + h * x_sh + w * x_sw)[:, None] + c[None, :] * x_sc, v.to(io), mask=m)
         gamma = tl.load(gamma_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
@@ -328,8 +331,8 @@ if triton is not None:
         sy = y // SCALE
         sx = x // SCALE
         v = _materialize(raw_ptr, bias_ptr, res_ptr, (src_t * r_st + sy * r_sh + sx * r_sw)[:, None] + src_c * r_sc,
-                         (src_t * q_st + sy * q_sh + sx * q_sw)[:, None] + src_c * q_sc, src_c, m, has_bias, has_res,
-                         INTERPRET)
+                         (src_t * q_st + sy * q_sh + sx * q_sw)[:, None] + src_c * q_sc, src_c, m, m, has_bias,
+                         has_res, INTERPRET)
         tl.store(out_ptr + (f * o_st + y * o_sh + x * o_sw)[:, None] + c[None, :] * o_sc, v.to(io), mask=m)
 
     @_jit
