@@ -151,12 +151,12 @@ def reduction_plan(channels: int, pixels: int, *, sms: int, threads_per_sm: int 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Triton kernels. Sizes, strides and flags are runtime arguments (not specialised), so that a whole decode compiles
-# a handful of variants: the first call of a process pays seconds of compilation, not minutes.
+# Triton kernels. A Wan decode compiles about a dozen variants of them (channels x which inputs are pending), once:
+# Triton keeps them on disk for the next process.
 
 if triton is not None:
-    # Strides stay specialised: knowing them divisible by 16 is what lets Triton issue vector loads.
-    _RUNTIME = ["n_pix", "H", "W", "C", "has_bias", "has_res", "store_x"]
+    # Strides stay specialised (knowing them divisible by 16 lets Triton issue vector loads), sizes do not.
+    _RUNTIME = ["n_pix", "H", "W"]
 
     def _jit(fn):
         names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
@@ -182,15 +182,15 @@ if triton is not None:
             return v.to(io).to(tl.float32)
 
     @triton.jit
-    def _materialize(raw_ptr, bias_ptr, res_ptr, raw_off, res_off, c, cmask, mask, has_bias, has_res,
-                     INTERPRET: tl.constexpr):
+    def _materialize(raw_ptr, bias_ptr, res_ptr, raw_off, res_off, c, cmask, mask, HAS_BIAS: tl.constexpr,
+                     HAS_RES: tl.constexpr, INTERPRET: tl.constexpr):
         """raw (+ bias[c]) (+ res), rounded as diffusers rounds; `c`, `cmask` broadcast against the pixels."""
         io: tl.constexpr = raw_ptr.dtype.element_ty
         v = tl.load(raw_ptr + raw_off, mask=mask, other=0.0).to(tl.float32)
-        if has_bias:
+        if HAS_BIAS:
             b = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)
             v = _rounded(v + b, io, INTERPRET)
-        if has_res:
+        if HAS_RES:
             v = _rounded(v + tl.load(res_ptr + res_off, mask=mask, other=0.0).to(tl.float32), io, INTERPRET)
         return v
 
@@ -231,19 +231,21 @@ if triton is not None:
         return tl.reshape(v, (BLOCK_P,))
 
     @triton.jit
-    def _accumulate(acc, k, g, y, ctas, C, raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc, pmask,
-                    has_bias, has_res, SPLIT: tl.constexpr, FMA: tl.constexpr, INTERPRET: tl.constexpr):
+    def _accumulate(acc, k, g, y, ctas: tl.constexpr, C: tl.constexpr, raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix,
+                    r_sc, q_sc, pmask, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
+                    FMA: tl.constexpr, INTERPRET: tl.constexpr):
         c = k * ctas * SPLIT + g * SPLIT + y
         cm = (c < C)[None, :]
         v = _materialize(raw_ptr, bias_ptr, res_ptr, raw_pix[:, None] + c[None, :] * r_sc,
-                         res_pix[:, None] + c[None, :] * q_sc, c[None, :], cm, pmask[:, None] & cm, has_bias, has_res,
+                         res_pix[:, None] + c[None, :] * q_sc, c[None, :], cm, pmask[:, None] & cm, HAS_BIAS, HAS_RES,
                          INTERPRET)
         return _square_add(v, acc, FMA)
 
     @triton.jit
-    def _ordered_sum_of_squares(raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc, pmask, C,
-                                K: tl.constexpr, ctas: tl.constexpr, has_bias, has_res, BLOCK_P: tl.constexpr,
-                                SPLIT: tl.constexpr, FMA: tl.constexpr, INTERPRET: tl.constexpr):
+    def _ordered_sum_of_squares(raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc, pmask, C: tl.constexpr,
+                                K: tl.constexpr, ctas: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                                BLOCK_P: tl.constexpr, SPLIT: tl.constexpr, FMA: tl.constexpr,
+                                INTERPRET: tl.constexpr):
         """The sum of squares of each pixel's C values in the order `reduction_plan` describes: thread y of CTA g
         takes value k = 0, 1, ... K - 1 of its share into accumulator k mod 4 (masked values add zeros, which change
         no sum of squares)."""
@@ -256,22 +258,22 @@ if triton is not None:
             a3 = tl.zeros([BLOCK_P, SPLIT], tl.float32)
             for k in range(0, K, 4):
                 a0 = _accumulate(a0, k, g, y, ctas, C, raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc, pmask,
-                                 has_bias, has_res, SPLIT, FMA, INTERPRET)
+                                 HAS_BIAS, HAS_RES, SPLIT, FMA, INTERPRET)
                 a1 = _accumulate(a1, k + 1, g, y, ctas, C, raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc,
-                                 pmask, has_bias, has_res, SPLIT, FMA, INTERPRET)
+                                 pmask, HAS_BIAS, HAS_RES, SPLIT, FMA, INTERPRET)
                 a2 = _accumulate(a2, k + 2, g, y, ctas, C, raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc,
-                                 pmask, has_bias, has_res, SPLIT, FMA, INTERPRET)
+                                 pmask, HAS_BIAS, HAS_RES, SPLIT, FMA, INTERPRET)
                 a3 = _accumulate(a3, k + 3, g, y, ctas, C, raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc,
-                                 pmask, has_bias, has_res, SPLIT, FMA, INTERPRET)
+                                 pmask, HAS_BIAS, HAS_RES, SPLIT, FMA, INTERPRET)
             part = _halving_sum(((a0 + a1) + a2) + a3, BLOCK_P, SPLIT)
             gathered += tl.where((y == g % SPLIT)[None, :], part[:, None], 0.0)
         return _halving_sum(gathered, BLOCK_P, SPLIT)
 
     @_jit
-    def _norm_silu_kernel(raw_ptr, bias_ptr, res_ptr, gamma_ptr, x_ptr, y_ptr, n_pix, H, W, C,
-                          has_bias, has_res, store_x, r_st, r_sh, r_sw, r_sc, q_st, q_sh, q_sw, q_sc,
+    def _norm_silu_kernel(raw_ptr, bias_ptr, res_ptr, gamma_ptr, x_ptr, y_ptr, n_pix, H, W, r_st, r_sh, r_sw, r_sc, q_st, q_sh, q_sw, q_sc,
                           x_st, x_sh, x_sw, x_sc, y_st, y_sh, y_sw, y_sc, scale,
-                          C_PAD: tl.constexpr, BLOCK_P: tl.constexpr, EXACT: tl.constexpr, SPLIT: tl.constexpr,
+                          C: tl.constexpr, C_PAD: tl.constexpr, BLOCK_P: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HAS_RES: tl.constexpr, STORE_X: tl.constexpr, EXACT: tl.constexpr, SPLIT: tl.constexpr,
                           K: tl.constexpr, CTAS: tl.constexpr, FMA: tl.constexpr, INTERPRET: tl.constexpr):
         """x = raw (+ bias) (+ res); optionally stores x; stores SiLU(RMSNorm(x) * gamma) into y.
 
@@ -288,13 +290,13 @@ if triton is not None:
         cm = (c < C)[None, :]
         m = pmask[:, None] & cm
         v = _materialize(raw_ptr, bias_ptr, res_ptr, raw_pix[:, None] + c[None, :] * r_sc,
-                         res_pix[:, None] + c[None, :] * q_sc, c[None, :], cm, m, has_bias, has_res, INTERPRET)
-        if store_x:
+                         res_pix[:, None] + c[None, :] * q_sc, c[None, :], cm, m, HAS_BIAS, HAS_RES, INTERPRET)
+        if STORE_X:
             tl.store(x_ptr + (t * x_st + h * x_sh + w * x_sw)[:, None] + c[None, :] * x_sc, v.to(io), mask=m)
         gamma = tl.load(gamma_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
         if EXACT:
             ss = _ordered_sum_of_squares(raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc, pmask, C, K, CTAS,
-                                         has_bias, has_res, BLOCK_P, SPLIT, FMA, INTERPRET)
+                                         HAS_BIAS, HAS_RES, BLOCK_P, SPLIT, FMA, INTERPRET)
             d = tl.maximum(tl.sqrt_rn(ss), 1e-12)
             n = _rounded(tl.div_rn(v, d[:, None]), io, INTERPRET)
             n = _rounded(n * scale, io, INTERPRET)
@@ -308,10 +310,10 @@ if triton is not None:
         tl.store(y_ptr + (t * y_st + h * y_sh + w * y_sw)[:, None] + c[None, :] * y_sc, out.to(io), mask=m)
 
     @_jit
-    def _upsample_kernel(raw_ptr, bias_ptr, res_ptr, out_ptr, n_pix, H, W, C, has_bias, has_res,
-                         r_st, r_sh, r_sw, r_sc, q_st, q_sh, q_sw, q_sc, o_st, o_sh, o_sw, o_sc,
+    def _upsample_kernel(raw_ptr, bias_ptr, res_ptr, out_ptr, n_pix, H, W, C: tl.constexpr, r_st, r_sh, r_sw, r_sc, q_st, q_sh, q_sw, q_sc, o_st, o_sh, o_sw, o_sc,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, SCALE: tl.constexpr,
-                         INTERLEAVE: tl.constexpr, INTERPRET: tl.constexpr):
+                         INTERLEAVE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                         INTERPRET: tl.constexpr):
         """out[f, y, x, c] = src[f // 2, y // S, x // S, (f % 2) * C + c] (interleave) or src[f, y // S, x // S, c].
 
         The time conv's two channel halves become frame pairs and each pixel becomes an S x S block, written into the
@@ -331,8 +333,8 @@ if triton is not None:
         sy = y // SCALE
         sx = x // SCALE
         v = _materialize(raw_ptr, bias_ptr, res_ptr, (src_t * r_st + sy * r_sh + sx * r_sw)[:, None] + src_c * r_sc,
-                         (src_t * q_st + sy * q_sh + sx * q_sw)[:, None] + src_c * q_sc, src_c, m, m, has_bias,
-                         has_res, INTERPRET)
+                         (src_t * q_st + sy * q_sh + sx * q_sw)[:, None] + src_c * q_sc, src_c, m, m, HAS_BIAS,
+                         HAS_RES, INTERPRET)
         tl.store(out_ptr + (f * o_st + y * o_sh + x * o_sw)[:, None] + c[None, :] * o_sc, v.to(io), mask=m)
 
     @_jit
@@ -389,11 +391,11 @@ def norm_silu(src: Pending, gamma: torch.Tensor, y: torch.Tensor, x: torch.Tenso
     split, ctas, fma = plan if exact else (1, 1, True)
     raw, bias, res, rs, qs = _operands(src)
     _norm_silu_kernel[(triton.cdiv(n_pix, block_p),)](
-        raw, bias, res, gamma, x if x is not None else y, y, n_pix, h, w, c,
-        int(src.bias is not None), int(src.res is not None), int(x is not None), *rs, *qs, *_strides(x if x is not None else y),
-        *_strides(y), float(c**0.5),
-        C_PAD=c_pad, BLOCK_P=block_p, EXACT=exact, SPLIT=split, K=-(-c // (split * ctas)) if exact else 0,
-        CTAS=ctas, FMA=fma, INTERPRET=_interpreting(), num_warps=4)
+        raw, bias, res, gamma, x if x is not None else y, y, n_pix, h, w, *rs, *qs,
+        *_strides(x if x is not None else y), *_strides(y), float(c**0.5),
+        C=c, C_PAD=c_pad, BLOCK_P=block_p, HAS_BIAS=src.bias is not None, HAS_RES=src.res is not None,
+        STORE_X=x is not None, EXACT=exact, SPLIT=split, K=-(-c // (split * ctas)) if exact else 0, CTAS=ctas,
+        FMA=fma, INTERPRET=_interpreting(), num_warps=4)
 
 
 def upsample(src: Pending, out: torch.Tensor, *, scale: int, interleave: bool) -> None:
@@ -407,10 +409,9 @@ def upsample(src: Pending, out: torch.Tensor, *, scale: int, interleave: bool) -
     block_p = max(1, 4096 // block_c)
     raw, bias, res, rs, qs = _operands(src)
     _upsample_kernel[(triton.cdiv(n_pix, block_p), triton.cdiv(c, block_c))](
-        raw, bias, res, out, n_pix, h, w, c, int(src.bias is not None), int(src.res is not None), *rs, *qs,
-        *_strides(out),
-        BLOCK_P=block_p, BLOCK_C=block_c, SCALE=scale, INTERLEAVE=interleave, INTERPRET=_interpreting(),
-        num_warps=4)
+        raw, bias, res, out, n_pix, h, w, c, *rs, *qs, *_strides(out),
+        BLOCK_P=block_p, BLOCK_C=block_c, SCALE=scale, INTERLEAVE=interleave, HAS_BIAS=src.bias is not None,
+        HAS_RES=src.res is not None, INTERPRET=_interpreting(), num_warps=4)
 
 
 def to_uint8(src: Pending, out: torch.Tensor, *, patch: int) -> None:
