@@ -69,9 +69,12 @@ PixFmt = Annotated[str | None, typer.Option("--pix-fmt", help="yuv420p, yuv420p1
 Pad = Annotated[bool, typer.Option("--pad/--no-pad", help="Pad odd sizes by edge replication for 4:2:0/4:2:2.")]
 Denorm = Annotated[bool, typer.Option("--denormalize/--no-denormalize",
                                       help="Undo the pipeline's latent normalisation (off for raw latents).")]
-Exact = Annotated[bool, typer.Option("--exact/--no-exact", help="Frames bit-identical to diffusers' vae.decode (GPUs: "
-                                                                "vaepipe's engine, self-checked against diffusers' ops; "
-                                                                "CPU: diffusers' own decoder).")]
+Exact = Annotated[bool, typer.Option("--exact/--no-exact",
+                                     help="Frames bit-identical to diffusers' vae.decode (GPUs: vaepipe's engine, "
+                                          "self-checked against diffusers' ops; CPU: diffusers' own decoder).")]
+EngineOpt = Annotated[bool | None, typer.Option("--engine/--no-engine",
+                                                help="vaepipe's decode engine (default: on for Wan VAEs on GPUs); "
+                                                     "--no-engine decodes with diffusers' own decoder.")]
 Fast = Annotated[bool, typer.Option("--fast/--no-fast", hidden=True,
                                     help="Kept for old command lines: the fast engine is the default on GPUs.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")]
@@ -85,14 +88,14 @@ def decode(
                                                "(frames/%05d.png). A batch of B writes out_0.mp4 … out_{B-1}.mp4.")],
     vae: Vae = None, dtype: Dtype = None, device: Device = None, chunk: Chunk = None, buffers: Buffers = 2,
     sync: Sync = False, fps: Fps = None, codec: Codec = None, crf: Crf = 18, preset: Preset = "medium",
-    pix_fmt: PixFmt = None, pad: Pad = True, denormalize: Denorm = True, exact: Exact = False, fast: Fast = False,
-    json_out: Json = False, quiet: Quiet = False,
+    pix_fmt: PixFmt = None, pad: Pad = True, denormalize: Denorm = True, exact: Exact = False,
+    engine: EngineOpt = None, fast: Fast = False, json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Decode one latents file into a video through the three-lane pipeline."""
     reporter = Reporter(quiet=quiet, as_json=json_out)
     try:
         options = DecodeOptions(vae=vae, dtype=dtype, device=device, chunk=chunk, buffers=buffers, sync=sync,
-                                denormalize=denormalize, exact=exact, fast=fast)
+                                denormalize=denormalize, exact=exact, engine=engine, fast=fast)
         encode = EncodeOptions(codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, fps=fps, pad=pad)
         with reporter:
             session = Session(reporter)
@@ -118,8 +121,8 @@ def batch(
                                                        "CONFIG_STEM.manifest.jsonl beside the config.")] = None,
     vae: Vae = None, dtype: Dtype = None, device: Device = None, chunk: Chunk = None, buffers: Buffers = None,
     sync: Sync = None, fps: Fps = None, codec: Codec = None, crf: Crf = None, preset: Preset = None,
-    pix_fmt: PixFmt = None, pad: Pad = None, denormalize: Denorm = None, exact: Exact = None, fast: Fast = None,
-    json_out: Json = False, quiet: Quiet = False,
+    pix_fmt: PixFmt = None, pad: Pad = None, denormalize: Denorm = None, exact: Exact = None,
+    engine: EngineOpt = None, fast: Fast = None, json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Decode many latents files as one batch: GPU kept busy, bad jobs skipped, resumable, sharded by torchrun.
 
@@ -129,7 +132,7 @@ def batch(
 
     given = {"vae": vae, "dtype": dtype, "device": device, "chunk": chunk, "buffers": buffers, "sync": sync,
              "fps": fps, "codec": codec, "crf": crf, "preset": preset, "pix_fmt": pix_fmt, "pad": pad,
-             "denormalize": denormalize, "exact": exact, "fast": fast}
+             "denormalize": denormalize, "exact": exact, "engine": engine, "fast": fast}
     overrides = {k: v for k, v in given.items() if v is not None}
     reporter = Reporter(quiet=quiet, as_json=json_out)
     try:

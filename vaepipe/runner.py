@@ -53,8 +53,8 @@ class DecodeOptions:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise BadInput(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.exact and self.fast:
-            raise BadInput("--exact and --fast contradict each other: --exact gives diffusers' bits, the default on GPUs"
-                           " is the fast engine; drop --fast")
+            raise BadInput("--exact and --fast contradict each other: --exact gives diffusers' bits, the default on"
+                           " GPUs is the fast engine; drop --fast")
         if self.chunk is not None and not 1 <= self.chunk <= 64:
             raise BadInput(f"chunk must be in 1..64, got {self.chunk}")
         if not 2 <= self.buffers <= 8:

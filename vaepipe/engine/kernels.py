@@ -270,8 +270,8 @@ if triton is not None:
         return _halving_sum(gathered, BLOCK_P, SPLIT)
 
     @_jit
-    def _norm_silu_kernel(raw_ptr, bias_ptr, res_ptr, gamma_ptr, x_ptr, y_ptr, n_pix, H, W, r_st, r_sh, r_sw, r_sc, q_st, q_sh, q_sw, q_sc,
-                          x_st, x_sh, x_sw, x_sc, y_st, y_sh, y_sw, y_sc, scale,
+    def _norm_silu_kernel(raw_ptr, bias_ptr, res_ptr, gamma_ptr, x_ptr, y_ptr, n_pix, H, W,
+                          r_st, r_sh, r_sw, r_sc, q_st, q_sh, q_sw, q_sc, x_st, x_sh, x_sw, x_sc, y_st, y_sh, y_sw, y_sc, scale,
                           C: tl.constexpr, C_PAD: tl.constexpr, BLOCK_P: tl.constexpr, HAS_BIAS: tl.constexpr,
                           HAS_RES: tl.constexpr, STORE_X: tl.constexpr, EXACT: tl.constexpr, SPLIT: tl.constexpr,
                           K: tl.constexpr, CTAS: tl.constexpr, FMA: tl.constexpr, INTERPRET: tl.constexpr):
@@ -310,7 +310,8 @@ if triton is not None:
         tl.store(y_ptr + (t * y_st + h * y_sh + w * y_sw)[:, None] + c[None, :] * y_sc, out.to(io), mask=m)
 
     @_jit
-    def _upsample_kernel(raw_ptr, bias_ptr, res_ptr, out_ptr, n_pix, H, W, C: tl.constexpr, r_st, r_sh, r_sw, r_sc, q_st, q_sh, q_sw, q_sc, o_st, o_sh, o_sw, o_sc,
+    def _upsample_kernel(raw_ptr, bias_ptr, res_ptr, out_ptr, n_pix, H, W, C: tl.constexpr,
+                         r_st, r_sh, r_sw, r_sc, q_st, q_sh, q_sw, q_sc, o_st, o_sh, o_sw, o_sc,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, SCALE: tl.constexpr,
                          INTERLEAVE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                          INTERPRET: tl.constexpr):

@@ -1,0 +1,114 @@
+"""Run by test_engine.py with TRITON_INTERPRET=1: the Triton kernels on CPU tensors against their references.
+
+Data movement is compared bit for bit; the exact norm's order of summation is compared bit for bit against a plain
+float32 emulation of PyTorch's CUDA reduction order (`reduction_plan`) in the same arithmetic the interpreter uses."""
+
+import os
+
+import numpy as np
+import torch
+
+assert os.environ.get("TRITON_INTERPRET") == "1"
+from vaepipe.engine import kernels  # noqa: E402
+from vaepipe.engine.kernels import Pending  # noqa: E402
+
+gen = torch.Generator().manual_seed(0)
+
+
+def channels_last(*shape, dtype=torch.bfloat16, scale=1.0):
+    t = (torch.randn(shape, generator=gen) * scale).to(dtype)
+    return t.contiguous(memory_format=torch.channels_last_3d)
+
+
+def check_upsample():
+    for dtype in (torch.float32, torch.bfloat16):
+        for interleave, scale in ((True, 2), (False, 2), (False, 1)):
+            c = 12
+            src = Pending(channels_last(1, 2 * c if interleave else c, 3, 4, 5, dtype=dtype),
+                          torch.randn(2 * c if interleave else c, generator=gen).to(dtype),
+                          channels_last(1, 2 * c if interleave else c, 3, 4, 5, dtype=dtype))
+            want = kernels.upsample_reference(src, scale=scale, interleave=interleave)
+            window = torch.zeros((1, c, want.shape[2], want.shape[3] + 2, want.shape[4] + 2), dtype=dtype)
+            out = window.contiguous(memory_format=torch.channels_last_3d)[:, :, :, 1:-1, 1:-1]
+            kernels.upsample(src, out, scale=scale, interleave=interleave)
+            assert torch.equal(out, want), (dtype, interleave, scale)
+
+
+def check_to_uint8():
+    for dtype in (torch.float32, torch.bfloat16):
+        for patch in (1, 2):
+            src = Pending(channels_last(1, 3 * patch * patch, 2, 3, 5, dtype=dtype, scale=0.8),
+                          torch.randn(3 * patch * patch, generator=gen).to(dtype) * 0.1)
+            got = torch.zeros((2, 3 * patch + 1, 5 * patch + 1, 3), dtype=torch.uint8)
+            want = got.clone()
+            kernels.to_uint8(src, got, patch=patch)
+            kernels.to_uint8_reference(src, want, patch=patch)
+            assert torch.equal(got, want), (dtype, patch)
+
+
+def emulated_exact_norm_silu(x: np.ndarray, gamma: np.ndarray, split: int, ctas: int) -> np.ndarray:
+    """The exact policy's arithmetic in plain float32: PyTorch's CUDA order of the sum of squares (unfused
+    multiply-add), then diffusers' steps for an fp32 model."""
+    pixels, c = x.shape
+    k_max = -(-c // (split * ctas))
+    partial = np.zeros((ctas, split, pixels), np.float32)
+    for g in range(ctas):
+        for y in range(split):
+            acc = np.zeros((4, pixels), np.float32)
+            for k in range(k_max):
+                ch = k * ctas * split + g * split + y
+                if ch < c:
+                    acc[k % 4] = acc[k % 4] + x[:, ch] * x[:, ch]
+            partial[g, y] = ((acc[0] + acc[1]) + acc[2]) + acc[3]
+
+    def halving(v):  # v[y] += v[y + n/2]
+        while len(v) > 1:
+            half = len(v) // 2
+            v = [v[i] + v[i + half] for i in range(half)]
+        return v[0]
+
+    per_cta = [halving(list(partial[g])) for g in range(ctas)]
+    gathered = [np.zeros(pixels, np.float32) for _ in range(split)]
+    for g in range(ctas):
+        gathered[g % split] = gathered[g % split] + per_cta[g]
+    ss = halving(gathered)
+    n = x / np.maximum(np.sqrt(ss), np.float32(1e-12))[:, None]
+    n = (n * np.float32(c**0.5)) * gamma[None, :] + np.float32(0.0)
+    return n / (np.float32(1.0) + np.exp(-n))
+
+
+def check_exact_norm_order():
+    for c, split, ctas in ((24, 4, 1), (40, 4, 3), (20, 2, 4), (12, 1, 1)):
+        raw = channels_last(1, c, 2, 3, 4, dtype=torch.float32)
+        gamma = torch.rand(c, generator=gen) + 0.5
+        y = torch.empty_like(raw)
+        kernels.norm_silu(Pending(raw), gamma, y, exact=True, frames_per_call=2, plan=(split, ctas, False))
+        pixels = raw.permute(0, 2, 3, 4, 1).reshape(-1, c).numpy()
+        want = emulated_exact_norm_silu(pixels, gamma.numpy(), split, ctas)
+        got = y.permute(0, 2, 3, 4, 1).reshape(-1, c).numpy()
+        assert np.array_equal(got, want), (c, split, ctas, np.abs(got - want).max())
+
+
+def check_norm_against_diffusers_ops():
+    for dtype in (torch.float32, torch.bfloat16):
+        c = 24
+        src = Pending(channels_last(1, c, 2, 3, 4, dtype=dtype), torch.randn(c, generator=gen).to(dtype),
+                      channels_last(1, c, 2, 3, 4, dtype=dtype))
+        gamma = (torch.rand(c, generator=gen) + 0.5).to(dtype)
+        x = torch.empty_like(src.raw)
+        v = kernels.materialize_reference(src)
+        for exact in (True, False):
+            y = torch.empty_like(src.raw)
+            plan = kernels.reduction_plan(c, 2 * 3 * 4, sms=132) + (True,)
+            kernels.norm_silu(src, gamma, y, x, exact=exact, frames_per_call=2, plan=plan)
+            assert torch.equal(x, v)  # the materialised input: data movement after diffusers' two adds
+            want = kernels.norm_silu_reference(v, gamma, exact=exact, frames_per_call=2)
+            assert (y.float() - want.float()).abs().max() <= (0.02 if dtype == torch.bfloat16 else 1e-5)
+
+
+if __name__ == "__main__":
+    check_upsample()
+    check_to_uint8()
+    check_exact_norm_order()
+    check_norm_against_diffusers_ops()
+    print("all kernel checks passed")

@@ -1,0 +1,105 @@
+"""The decode engine on the CPU: its PyTorch reference path (the same windows, caches, chunking and fallbacks as on
+GPUs) against diffusers' own `vae.decode`, and its Triton kernels under TRITON_INTERPRET=1 against their references."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vaepipe.decode import to_uint8_frames
+from vaepipe.engine import Engine, kernels
+
+from conftest import tiny_vae
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _decode(engine: Engine, z: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([piece.video() for piece in engine.stream(z)], dim=2)
+
+
+@pytest.mark.parametrize("preset", ["random:wan2.1-tiny", "random:wan2.2-tiny"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_exact_engine_equals_diffusers_decode_bit_for_bit(preset, dtype, chunk):
+    vae = tiny_vae(preset, dtype)
+    z = torch.randn(1, vae.config.z_dim, 4, 4, 6, generator=torch.Generator().manual_seed(chunk)).to(dtype)
+    with torch.inference_mode():
+        want = vae.decode(z).sample
+    assert torch.equal(_decode(Engine(vae, exact=True, chunk=chunk), z), want)  # chunk 2: 1 + 2 + a remainder of 1
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
+def test_fast_engine_stays_within_rounding_of_diffusers(dtype, tolerance):
+    vae = tiny_vae("random:wan2.1-tiny", dtype)
+    z = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(5)).to(dtype)
+    with torch.inference_mode():
+        want = vae.decode(z).sample
+    got = _decode(Engine(vae, exact=False, chunk=2), z)
+    assert got.shape == want.shape
+    assert (got.float() - want.float()).abs().max() <= tolerance
+
+
+def test_self_check_catches_a_broken_fused_op_and_falls_back_to_diffusers_op(monkeypatch):
+    vae = tiny_vae("random:wan2.1-tiny", torch.bfloat16)
+    z = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with torch.inference_mode():
+        want = vae.decode(z).sample
+    real = kernels.norm_silu
+
+    def off_by_one_ulp(src, gamma, y, x=None, **kw):  # what a kernel summing in another order would do
+        real(src, gamma, y, x, **kw)
+        y.view(torch.int16).add_(1)
+
+    monkeypatch.setattr(kernels, "norm_silu", off_by_one_ulp)
+    engine = Engine(vae, exact=True, chunk=2)
+    assert torch.equal(_decode(engine, z), want)
+    fused_norms = {name for name, m in vae.decoder.named_modules()
+                   if type(m).__name__ == "WanRMS_norm" and "attentions" not in name}
+    assert fused_norms and fused_norms <= engine.fallbacks.keys()  # every one fell back to diffusers' op
+    assert "other bits" in engine.fallbacks["norm_out"]
+    fast = Engine(vae, exact=False, chunk=2)  # the fast policy trusts its kernels: no check, no fallback
+    assert not torch.equal(_decode(fast, z), want) and not fast.fallbacks
+
+
+def test_engine_pieces_write_the_uint8_frames_of_the_exact_video():
+    vae = tiny_vae("random:wan2.2-tiny", torch.float32)
+    z = torch.randn(1, 48, 3, 3, 5, generator=torch.Generator().manual_seed(7))
+    engine = Engine(vae, exact=True, chunk=2)
+    with torch.inference_mode():
+        for piece in engine.stream(z):
+            f, h, w = piece.shape[2:]
+            got = torch.zeros((f, h + 1, w + 1, 3), dtype=torch.uint8)  # one extra row and column: padding
+            want = torch.zeros_like(got)
+            to_uint8_frames(piece, got)
+            to_uint8_frames(piece.video(), want)
+            assert torch.equal(got, want) and torch.equal(got[:, h], got[:, h - 1])
+
+
+def test_chunk_follows_free_memory_and_stays_within_diffusers_peak():
+    vae = tiny_vae("random:wan2.1-tiny", torch.float32)
+    assert Engine(vae, exact=False).chunk_for(60, 104) == 1  # 30 + 24 frames fit the budget; 30 + 48 do not
+    assert Engine(vae, exact=False, chunk=4).chunk_for(60, 104) == 4
+    assert Engine(vae, exact=False).max_frames(60, 104) == 4
+
+
+def test_reduction_plan_covers_the_shapes_pytorch_splits_across_blocks():
+    assert kernels.reduction_plan(8, 30, sms=132) == (1, 1)  # few channels: one thread sums them all
+    split, ctas = kernels.reduction_plan(96, 480 * 832, sms=132)
+    assert split > 1 and ctas == 1
+    split, ctas = kernels.reduction_plan(1024, 44 * 80, sms=132)  # wide and few pixels: several blocks per pixel
+    assert ctas > 1 and -(-1024 // (split * ctas)) <= 256
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="needs triton (its CPU interpreter)")
+def test_triton_kernels_under_the_interpreter_match_their_references():
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "interpreted_kernels.py")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "all kernel checks passed" in run.stdout
