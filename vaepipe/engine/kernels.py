@@ -271,7 +271,8 @@ if triton is not None:
 
     @_jit
     def _norm_silu_kernel(raw_ptr, bias_ptr, res_ptr, gamma_ptr, x_ptr, y_ptr, n_pix, H, W,
-                          r_st, r_sh, r_sw, r_sc, q_st, q_sh, q_sw, q_sc, x_st, x_sh, x_sw, x_sc, y_st, y_sh, y_sw, y_sc, scale,
+                          r_st, r_sh, r_sw, r_sc, q_st, q_sh, q_sw, q_sc, x_st, x_sh, x_sw, x_sc,
+                          y_st, y_sh, y_sw, y_sc, scale,
                           C: tl.constexpr, C_PAD: tl.constexpr, BLOCK_P: tl.constexpr, HAS_BIAS: tl.constexpr,
                           HAS_RES: tl.constexpr, STORE_X: tl.constexpr, EXACT: tl.constexpr, SPLIT: tl.constexpr,
                           K: tl.constexpr, CTAS: tl.constexpr, FMA: tl.constexpr, INTERPRET: tl.constexpr):
