@@ -140,3 +140,17 @@ def test_bad_options_exit_2_with_the_fix(tmp_path, option, value, message):
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
     assert not (out / "bench.json").exists()
+
+
+@pytest.mark.parametrize(("preset", "shape", "frames"), [("random:hunyuanvideo-tiny", "16x24x21", 21),
+                                                         ("random:ltx-tiny", "64x96x17", 17)])
+def test_bench_times_other_families(tmp_path, preset, shape, frames):
+    out = tmp_path / "bench"
+    result = runner.invoke(app, ["bench", "--device", "cpu", "--vae", preset, "--shape", shape, "--runs", "1",
+                                 "--modes", "naive,sync,pipelined", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (got,) = json.loads((out / "bench.json").read_text())["results"]
+    assert got["frames"] == frames and list(got["modes"]) == ["naive", "sync", "pipelined"]
+    videos = {mode: out / "videos" / f"{shape}-{mode}.mp4" for mode in got["modes"]}
+    assert videos["sync"].read_bytes() == videos["pipelined"].read_bytes()
+    assert len(read_video(videos["naive"])) == len(read_video(videos["pipelined"])) == frames  # naive pads to 16 px

@@ -230,5 +230,6 @@ def test_relative_paths_are_relative_to_the_config_file_not_the_working_director
 def test_an_unknown_preset_is_a_config_error_not_a_failed_job(folder):
     text = '[defaults]\nvae = "random:wan9"\n[[jobs]]\nlatents = "lat/a.pt"\noutput = "a.mp4"'
     found = problems(config(folder, text))
-    assert found == ["defaults.vae is invalid: unknown preset 'random:wan9': use one of random:wan2.1,"
-                     " random:wan2.1-tiny, random:wan2.2, random:wan2.2-tiny"]
+    assert found == ["defaults.vae is invalid: unknown preset 'random:wan9': use random:NAME or random:NAME-tiny,"
+                     " NAME one of wan2.1, wan2.2, hunyuanvideo, hunyuanvideo1.5, ltx, ltx2, cogvideox, mochi, kvae,"
+                     " kandinsky6-sr"]

@@ -41,7 +41,7 @@ from .runner import Session, Streamed, summarize
 from .vae import DTYPES
 
 # Options that change the output's bytes: a done record made with others is not this job's output.
-_OUTPUT_KEYS = ("vae", "dtype", "denormalize", "exact", *ENCODE_KEYS)
+_OUTPUT_KEYS = ("vae", "dtype", "denormalize", "exact", "decode_timestep", "decode_noise_scale", *ENCODE_KEYS)
 
 
 @dataclass(kw_only=True, slots=True)

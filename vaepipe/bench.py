@@ -29,7 +29,8 @@ import torch
 from . import __version__
 from .encode import EncodeOptions, ffmpeg_exe, output_sha256, plan_encode
 from .errors import BadInput
-from .latents import denormalize, parse_size, synthetic_latents
+from .families import DecodeSettings, synthetic_latents
+from .latents import parse_size
 from .pipeline import LANES
 from .progress import Reporter
 from .runner import DEFAULT_FPS, DecodeOptions, Session
@@ -175,8 +176,6 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
     sessions = {"sync": Session(reporter), "pipelined": Session(reporter)}
     vae = sessions["pipelined"].vae(options.vae, dtype, device)
     naive_vae = vae
-    if not vae.is_wan:
-        raise BadInput(f"bench times Wan VAEs (AutoencoderKLWan); {options.vae} is a {type(vae.model).__name__}")
     report = {
         "vaepipe": __version__, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": options.command(dtype_name), "environment": environment(device),
@@ -191,7 +190,7 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
     reporter.log(f"model load {report['load_s']:.2f} s; timing {', '.join(options.modes)} on {device}"
                  f" ({report['environment']['device']}), {options.runs} timed run(s) after one warm-up")
     # All latents first: a shape that does not fit the VAE fails now, not after minutes of timing.
-    latents = {text: synthetic_latents(text, channels=vae.z_dim, seed=0) for text in options.shapes}
+    latents = {text: synthetic_latents(vae.model, text, seed=0) for text in options.shapes}
     for text in options.shapes:
         case = _prepare(Shape.parse(text), latents[text], vae, naive_vae, sessions, decode_options, options, out)
         _time(case, options, device, reporter)
@@ -218,22 +217,22 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
 def _prepare(shape: Shape, latents: torch.Tensor, vae: LoadedVae, naive_vae: LoadedVae, sessions: dict[str, Session],
              decode_options: DecodeOptions, options: BenchOptions, out: Path) -> _Case:
     with torch.inference_mode(False), torch.no_grad():  # a plain tensor: naive runs under no_grad, as pipelines do
-        z = denormalize(latents.to(vae.device, vae.dtype), vae.model.config)
+        z, kwargs = vae.family.prepare(vae.model, latents, denormalize=True, settings=DecodeSettings())
     outputs = {mode: out / "videos" / f"{shape.label}-{mode}.mp4" for mode in options.modes}
     jobs: dict[str, Callable[[], Sample]] = {}
     for mode in options.modes:
         if mode == "naive":
-            jobs[mode] = lambda dest=outputs[mode]: _naive_job(naive_vae, z, dest)
+            jobs[mode] = lambda dest=outputs[mode]: _naive_job(naive_vae, z, dest, kwargs)
         else:
             plan = plan_encode(outputs[mode], width=shape.width, height=shape.height, fps=DEFAULT_FPS,
                                options=options.encode)
             opts = dataclasses.replace(decode_options, sync=mode == "sync")
             jobs[mode] = lambda session=sessions[mode], plan=plan, opts=opts: _vaepipe_job(session, vae, z, plan,
-                                                                                        opts)
+                                                                                        opts, kwargs)
     return _Case(shape=shape, latent_shape=tuple(latents.shape), jobs=jobs, outputs=outputs)
 
 
-def _naive_job(vae: LoadedVae, z: torch.Tensor, dest: Path) -> Sample:
+def _naive_job(vae: LoadedVae, z: torch.Tensor, dest: Path, kwargs: dict) -> Sample:
     """What a diffusers Wan pipeline and its docs do: decode the whole clip, postprocess_video to numpy, then
     `export_to_video(frames, path, fps=16)`."""
     from diffusers.utils import export_to_video
@@ -245,7 +244,7 @@ def _naive_job(vae: LoadedVae, z: torch.Tensor, dest: Path) -> Sample:
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
-            video = vae.model.decode(z, return_dict=False)[0]
+            video = vae.family.decode(vae.model, z, **kwargs)
         _synchronize(vae.device)  # postprocess_video's .cpu() waits for the decode anyway; this only splits timings
         t1 = time.perf_counter()
         frames = processor.postprocess_video(video, output_type="np")[0]
@@ -263,9 +262,10 @@ def _naive_job(vae: LoadedVae, z: torch.Tensor, dest: Path) -> Sample:
     return Sample(wall_s=t3 - t0, stages_s=stages, spans=spans)
 
 
-def _vaepipe_job(session: Session, vae: LoadedVae, z: torch.Tensor, plan, options: DecodeOptions) -> Sample:
+def _vaepipe_job(session: Session, vae: LoadedVae, z: torch.Tensor, plan, options: DecodeOptions,
+                 kwargs: dict) -> Sample:
     t0 = time.perf_counter()
-    streamed = session.stream_sample(vae, z, plan, options)
+    streamed = session.stream_sample(vae, z, plan, options, decode_kwargs=kwargs)
     lanes_end = time.perf_counter()
     lanes_s = streamed.stats.wall_s  # run_lanes' own wall time, before finish() makes it the whole job's
     stats, _ = streamed.finish()
@@ -377,7 +377,7 @@ def busy_fraction(intervals: list[tuple[float, float]], start: float, end: float
 
 
 def _result(case: _Case, vae: LoadedVae, options: BenchOptions) -> dict:
-    frames = 1 + vae.temporal_factor * (case.latent_shape[2] - 1)
+    frames = vae.family.num_frames(vae.model, case.latent_shape[2])
     modes: dict[str, dict] = {}
     for mode, samples in case.samples.items():
         walls = [s.wall_s for s in samples]

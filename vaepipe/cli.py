@@ -51,9 +51,11 @@ def fail(error: BaseException, reporter: Reporter | None = None) -> typer.Exit:
 
 
 # Options shared by decode and batch, under the same names (dashes become underscores in TOML).
-Vae = Annotated[str | None, typer.Option(help="VAE: random:wan2.1[-tiny], random:wan2.2[-tiny], a diffusers folder, "
-                                               "a cached Hub repo id, or a .safetensors/.pth checkpoint. Default: "
-                                               "the diffusers Wan VAE matching the latents, from the local Hub cache.")]
+Vae = Annotated[str | None, typer.Option(help="VAE: a diffusers folder, a cached Hub repo id, a .safetensors/.pth "
+                                               "checkpoint (Wan), or random:<family>[-tiny] (wan2.1, wan2.2, "
+                                               "hunyuanvideo, hunyuanvideo1.5, ltx, ltx2, cogvideox, mochi, kvae). "
+                                               "Default: the diffusers VAE matching the latents' channels, from the "
+                                               "local Hub cache.")]
 Dtype = Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU).")]
 Device = Annotated[str | None, typer.Option(help="cuda, cuda:N or cpu (default: cuda if present).")]
 Chunk = Annotated[int | None, typer.Option(help="Latent frames per decoder call after the first (default: what fits in "
@@ -77,6 +79,10 @@ EngineOpt = Annotated[bool | None, typer.Option("--engine/--no-engine",
                                                      "--no-engine decodes with diffusers' own decoder.")]
 Fast = Annotated[bool, typer.Option("--fast/--no-fast", hidden=True,
                                     help="Kept for old command lines: the fast engine is the default on GPUs.")]
+DecodeTimestep = Annotated[float | None, typer.Option(help="Timestep-conditioned VAEs (LTX 0.9.1+): the pipeline's "
+                                                           "decode_timestep (default: the latents file's, else 0).")]
+DecodeNoise = Annotated[float | None, typer.Option(help="Their decode_noise_scale (default: the latents file's, else "
+                                                        "the decode timestep).")]
 Json = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 
@@ -89,13 +95,15 @@ def decode(
     vae: Vae = None, dtype: Dtype = None, device: Device = None, chunk: Chunk = None, buffers: Buffers = 2,
     sync: Sync = False, fps: Fps = None, codec: Codec = None, crf: Crf = 18, preset: Preset = "medium",
     pix_fmt: PixFmt = None, pad: Pad = True, denormalize: Denorm = True, exact: Exact = False,
-    engine: EngineOpt = None, fast: Fast = False, json_out: Json = False, quiet: Quiet = False,
+    engine: EngineOpt = None, fast: Fast = False, decode_timestep: DecodeTimestep = None,
+    decode_noise_scale: DecodeNoise = None, json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Decode one latents file into a video through the three-lane pipeline."""
     reporter = Reporter(quiet=quiet, as_json=json_out)
     try:
         options = DecodeOptions(vae=vae, dtype=dtype, device=device, chunk=chunk, buffers=buffers, sync=sync,
-                                denormalize=denormalize, exact=exact, engine=engine, fast=fast)
+                                denormalize=denormalize, exact=exact, engine=engine, fast=fast,
+                                decode_timestep=decode_timestep, decode_noise_scale=decode_noise_scale)
         encode = EncodeOptions(codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, fps=fps, pad=pad)
         with reporter:
             session = Session(reporter)
@@ -122,7 +130,8 @@ def batch(
     vae: Vae = None, dtype: Dtype = None, device: Device = None, chunk: Chunk = None, buffers: Buffers = None,
     sync: Sync = None, fps: Fps = None, codec: Codec = None, crf: Crf = None, preset: Preset = None,
     pix_fmt: PixFmt = None, pad: Pad = None, denormalize: Denorm = None, exact: Exact = None,
-    engine: EngineOpt = None, fast: Fast = None, json_out: Json = False, quiet: Quiet = False,
+    engine: EngineOpt = None, fast: Fast = None, decode_timestep: DecodeTimestep = None,
+    decode_noise_scale: DecodeNoise = None, json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Decode many latents files as one batch: GPU kept busy, bad jobs skipped, resumable, sharded by torchrun.
 
@@ -132,7 +141,8 @@ def batch(
 
     given = {"vae": vae, "dtype": dtype, "device": device, "chunk": chunk, "buffers": buffers, "sync": sync,
              "fps": fps, "codec": codec, "crf": crf, "preset": preset, "pix_fmt": pix_fmt, "pad": pad,
-             "denormalize": denormalize, "exact": exact, "engine": engine, "fast": fast}
+             "denormalize": denormalize, "exact": exact, "engine": engine, "fast": fast,
+             "decode_timestep": decode_timestep, "decode_noise_scale": decode_noise_scale}
     overrides = {k: v for k, v in given.items() if v is not None}
     reporter = Reporter(quiet=quiet, as_json=json_out)
     try:

@@ -36,7 +36,8 @@ from .runner import DecodeOptions
 # Every option a config or the command line can set, with the TOML type it takes. A test pins that these are
 # exactly the fields of DecodeOptions and EncodeOptions, so a new option cannot be forgotten here.
 DECODE_KEYS = {"vae": str, "dtype": str, "device": str, "chunk": int, "buffers": int, "sync": bool,
-               "denormalize": bool, "exact": bool, "fast": bool, "engine": bool}
+               "denormalize": bool, "exact": bool, "fast": bool, "engine": bool, "decode_timestep": float,
+               "decode_noise_scale": float}
 ENCODE_KEYS = {"codec": str, "crf": int, "preset": str, "pix_fmt": str, "fps": float, "pad": bool}
 OPTION_KEYS = DECODE_KEYS | ENCODE_KEYS
 PATH_KEYS = ("latents", "output", "inputs", "output_dir", "suffix")

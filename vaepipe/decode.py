@@ -1,54 +1,39 @@
-"""Decoding: latents into video, one latent frame at a time, and video into uint8 frames.
+"""Decoding: latents into video, in pieces as soon as they are final, and video into uint8 frames.
 
-For `AutoencoderKLWan` the stream makes exactly the calls of diffusers' `_decode` (post-quant conv on the whole
-latent, then the decoder one latent frame at a time with the causal feature cache), but hands each piece on instead
-of growing one `torch.cat`: memory stays bounded and the concatenated stream is bit-identical to `vae.decode`.
+`decode_stream` is the one dispatcher: the VAE's family (vaepipe/families/) knows how its decode walks through time
+(Wan, CogVideoX, KVAE: exact piece by piece with their own cache; HunyuanVideo: temporal tiles; others whole); the
+pieces it yields concatenate to `vae.decode(z).sample` bit for bit, and are cut here to at most one latent frame's
+worth of frames each, on latent-frame boundaries, so the lanes' buffers have a fixed size.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 import torch
 
+from .families import family_of
 
-def decode_stream(vae: torch.nn.Module, z: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Yield the decoded video of one sample `z` [1, C, T, H, W] as pieces [1, 3, F, H', W'] in [-1, 1], in order.
 
-    Wan VAEs stream (F = 1 for the first latent frame, then 4 each); any other diffusers VAE decodes whole.
-    """
-    from diffusers import AutoencoderKLWan
-
-    if isinstance(vae, AutoencoderKLWan):
-        yield from _wan_stream(vae, z)
-    else:
-        video = vae.decode(z).sample
-        step = frames_per_latent(vae)
-        for start in range(0, video.shape[2], step):
-            yield video[:, :, start : start + step]
+def decode_stream(vae: torch.nn.Module, z: torch.Tensor, **decode_kwargs) -> Iterator[torch.Tensor]:
+    """Yield the decoded video of one sample `z` [1, C, T, H, W] as pieces [1, 3, F, H', W'] in order, F at most
+    `frames_per_latent(vae)`: the first frame alone, then the frames of each later latent frame (as far as the
+    family's own pieces allow). `decode_kwargs`: what the pipeline passes `vae.decode` besides z (LTX's `temb`)."""
+    step = frames_per_latent(vae)
+    done = 0  # frames handed on so far: boundaries at 1, 1 + step, 1 + 2 * step…
+    for piece in family_of(vae).stream(vae, z, **decode_kwargs):
+        at = 0
+        while at < piece.shape[2]:
+            boundary = 1 if done == 0 else done + step - (done - 1) % step
+            n = min(boundary - done, piece.shape[2] - at)
+            yield piece[:, :, at : at + n]
+            at += n
+            done += n
 
 
 def frames_per_latent(vae: torch.nn.Module) -> int:
     """Frames each latent frame after the first decodes to (the VAE's temporal factor)."""
-    config = vae.config
-    return int(config.get("scale_factor_temporal") or config.get("temporal_compression_ratio") or 4)
-
-
-def _wan_stream(vae, z: torch.Tensor) -> Iterator[torch.Tensor]:
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
-
-    # Our own feature cache, so the model's `_feat_map` is never touched and two streams could share one model.
-    feat_cache = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
-    patch_size = vae.config.patch_size
-    autotune = getattr(vae, "_vaepipe_fast", False)
-    x = vae.post_quant_conv(z)
-    for i in range(z.shape[2]):
-        with _cudnn_benchmark(autotune):
-            out = vae.decoder(x[:, :, i : i + 1], feat_cache=feat_cache, feat_idx=[0], first_chunk=i == 0)
-        if patch_size is not None:
-            out = unpatchify(out, patch_size=patch_size)
-        yield torch.clamp(out, min=-1.0, max=1.0)
+    return family_of(vae).temporal_factor(vae)
 
 
 def use_fast_path(vae: torch.nn.Module) -> None:
@@ -60,18 +45,8 @@ def use_fast_path(vae: torch.nn.Module) -> None:
     for conv in (m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)):
         conv.weight.data = conv.weight.data.to(memory_format=torch.channels_last_3d)
     # cuDNN times its algorithms for each conv shape on first use and keeps the fastest; set per call (see
-    # _cudnn_benchmark) so that exact decodes in the same process keep the default algorithms.
+    # families.wan.cudnn_benchmark) so that exact decodes in the same process keep the default algorithms.
     vae._vaepipe_fast = True
-
-
-@contextlib.contextmanager
-def _cudnn_benchmark(on: bool) -> Iterator[None]:
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = on or before
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before
 
 
 def to_uint8_frames(video: torch.Tensor, out: torch.Tensor) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pickle
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +22,8 @@ class Latents:
     fps: float | None
     """The frame rate stored beside the latents, if any."""
     path: Path
+    decode_settings: dict[str, float] = field(default_factory=dict)
+    """Stored beside the latents for timestep-conditioned decoders (LTX): decode_timestep, decode_noise_scale."""
 
     def num_frames(self, temporal_factor: int) -> int:
         """Frames a causal video VAE makes of T latent frames: the first gives one, each later one `temporal_factor`."""
@@ -35,12 +37,12 @@ def read_latents(path: str | Path) -> Latents:
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise BadInput(f"cannot read latents from {str(path)!r}: use a .pt, .safetensors or .npy file")
-    fps = None
+    fps, settings = None, {}
     try:
         if suffix in (".pt", ".pth"):
-            tensor, fps = _from_torch(path)
+            tensor, fps, settings = _from_torch(path)
         elif suffix == ".safetensors":
-            tensor, fps = _from_safetensors(path)
+            tensor, fps, settings = _from_safetensors(path)
         else:
             import numpy as np
 
@@ -55,24 +57,24 @@ def read_latents(path: str | Path) -> Latents:
                        f" {suffix} file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if fps is not None and not 0 < fps <= 1000:  # also NaN
         raise BadInput(f"{str(path)!r}: the stored fps must be in (0, 1000], got {fps}; pass --fps to override")
-    return Latents(tensor=_checked(tensor, path), fps=fps, path=path)
+    return Latents(tensor=_checked(tensor, path), fps=fps, path=path, decode_settings=settings)
 
 
-def _from_torch(path: Path) -> tuple[torch.Tensor, float | None]:
+def _from_torch(path: Path) -> tuple[torch.Tensor, float | None, dict[str, float]]:
     # weights_only: a hostile pickle is refused by torch's restricted unpickler instead of being executed.
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, torch.Tensor):
-        return obj, None
+        return obj, None, {}
     if isinstance(obj, dict) and isinstance(obj.get("latents"), torch.Tensor):
         fps = obj.get("fps")
         if fps is not None and not isinstance(fps, (int, float)):
             raise BadInput(f"{str(path)!r}: 'fps' must be a number, got {type(fps).__name__}")
-        return obj["latents"], (float(fps) if fps is not None else None)
+        return obj["latents"], (float(fps) if fps is not None else None), _settings(obj, path)
     raise BadInput(f"{str(path)!r} holds a {type(obj).__name__}, not latents: save a tensor, or a dict with a"
                    " 'latents' tensor and an optional 'fps'")
 
 
-def _from_safetensors(path: Path) -> tuple[torch.Tensor, float | None]:
+def _from_safetensors(path: Path) -> tuple[torch.Tensor, float | None, dict[str, float]]:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -83,11 +85,26 @@ def _from_safetensors(path: Path) -> tuple[torch.Tensor, float | None]:
                 raise BadInput(f"{str(path)!r} holds tensors {keys}: name the latents 'latents'")
             fps = (f.metadata() or {}).get("fps")
             try:
-                return f.get_tensor(key), (float(fps) if fps is not None else None)
+                return f.get_tensor(key), (float(fps) if fps is not None else None), _settings(f.metadata() or {}, path)
             except ValueError:
                 raise BadInput(f"{str(path)!r}: the stored fps {fps!r} is not a number; pass --fps") from None
     except SafetensorError as e:
         raise ValueError(str(e)) from None
+
+
+def _settings(stored: dict, path: Path) -> dict[str, float]:
+    """decode_timestep / decode_noise_scale stored with the latents, checked as the options are."""
+    settings = {}
+    for key in ("decode_timestep", "decode_noise_scale"):
+        if stored.get(key) is not None:
+            try:
+                settings[key] = float(stored[key])
+            except (TypeError, ValueError):
+                raise BadInput(f"{str(path)!r}: the stored {key} {stored[key]!r} is not a number") from None
+            if not 0.0 <= settings[key] <= 1.0:
+                raise BadInput(f"{str(path)!r}: the stored {key} must be in 0..1, got {settings[key]}; pass"
+                               f" --{key.replace('_', '-')} to override")
+    return settings
 
 
 def _checked(t: torch.Tensor, path: Path) -> torch.Tensor:

@@ -14,10 +14,11 @@ from . import engine as engines
 from .decode import decode_stream
 from .encode import EncodeOptions, EncodePlan, Encoder, plan_encode
 from .errors import BadInput, VaepipeError
-from .latents import Latents, check_for_vae, denormalize, read_latents
+from .families import PRESET_NAMES, DecodeSettings, default_repo, preset_channels
+from .latents import Latents, check_for_vae, read_latents
 from .pipeline import Buffers, Jitter, LaneStats, Progress, run_lanes
 from .progress import Reporter
-from .vae import DEFAULT_REPOS, DTYPES, PRESETS, LoadedVae, load_vae
+from .vae import DTYPES, PRESETS, LoadedVae, load_vae
 
 DEFAULT_FPS = 16.0
 
@@ -25,8 +26,8 @@ DEFAULT_FPS = 16.0
 @dataclass(kw_only=True, slots=True)
 class DecodeOptions:
     vae: str | None = None
-    """A preset (random:wan2.1…), a diffusers folder, a cached Hub repo id or a checkpoint file; None picks the
-    diffusers Wan VAE matching the latents' channels from the local Hub cache."""
+    """A preset (random:wan2.1, random:hunyuanvideo…), a diffusers folder, a cached Hub repo id or a checkpoint file;
+    None picks the diffusers VAE matching the latents' channels from the local Hub cache, where only one fits."""
     dtype: str | None = None
     """bf16, fp16 or fp32; None: bf16 on CUDA, fp32 on the CPU."""
     device: str | None = None
@@ -48,6 +49,10 @@ class DecodeOptions:
     engine: bool | None = None
     """Decode with vaepipe's engine; None: on CUDA for Wan VAEs. False: diffusers' own decoder, streamed. True on
     the CPU runs the engine's PyTorch reference ops (tests)."""
+    decode_timestep: float | None = None
+    """Timestep-conditioned decoders (LTX 0.9.1+): the pipeline's decode_timestep; None: the latents file's, else 0."""
+    decode_noise_scale: float | None = None
+    """Their decode_noise_scale; None: the latents file's, else the decode timestep (the pipelines' defaults)."""
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -60,9 +65,14 @@ class DecodeOptions:
         if not 2 <= self.buffers <= 8:
             raise BadInput(f"buffers must be in 2..8, got {self.buffers}")
         if self.vae and self.vae.startswith("random:") and self.vae not in PRESETS:
-            raise BadInput(f"unknown preset {self.vae!r}: use one of {', '.join(PRESETS)}")
+            raise BadInput(f"unknown preset {self.vae!r}: use random:NAME or random:NAME-tiny, NAME one of"
+                           f" {PRESET_NAMES}")
         if self.device is not None and not (self.device in ("cpu", "cuda") or self.device.startswith("cuda:")):
             raise BadInput(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        for name in ("decode_timestep", "decode_noise_scale"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:  # also NaN
+                raise BadInput(f"{name} must be in 0..1, got {value}")
 
     def torch_device(self) -> torch.device:
         spec = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -112,9 +122,9 @@ class Session:
             self._vaes[key] = vae = load_vae(src, dtype=dtype, device=device)
             self.load_s += time.perf_counter() - t
             self.reporter.log(f"VAE {vae.source}, {str(dtype).removeprefix('torch.')} on {device}")
-            if not vae.is_wan:
-                self.reporter.log(f"warning: {type(vae.model).__name__} has no streaming decode here: it decodes each"
-                                  " clip whole, so memory is not bounded")
+            if vae.family.streams_for(vae.model) == "whole" and not vae.family.unsupported:
+                self.reporter.log(f"warning: {type(vae.model).__name__} decodes each clip whole ({vae.family.why}), so"
+                                  " its frames reach the encoder only at the end and memory grows with the clip")
         return self._vaes[key]
 
     def prepare(self, latents: str | Path | Latents, output: str | Path, options: DecodeOptions,
@@ -125,11 +135,10 @@ class Session:
             latents = read_latents(latents)
         device = options.torch_device()
         dtype = options.torch_dtype(device)
-        src = options.vae or DEFAULT_REPOS.get(latents.tensor.shape[1])
-        if src is None:
-            raise BadInput(f"latents have {latents.tensor.shape[1]} channels and no default VAE fits: pass --vae")
+        src = options.vae or default_repo(latents.tensor.shape[1])
         if src in PRESETS:  # a preset's width is known without building it
-            check_for_vae(latents, PRESETS[src].get("z_dim", 16))
+            PRESETS[src][0].check(None, tuple(latents.tensor.shape), str(latents.path), preset_channels(src))
+            check_for_vae(latents, preset_channels(src))
         b, _, _, h, w = latents.tensor.shape
         fps = encode.fps or latents.fps or DEFAULT_FPS
         outputs = output_paths(output, b)
@@ -138,8 +147,11 @@ class Session:
         if options.fast:
             self.reporter.log("note: --fast is the default on GPUs now (vaepipe's engine); the flag changes nothing")
         vae = self.vae(src, dtype, device)
+        if vae.family.unsupported:
+            raise BadInput(f"vaepipe cannot decode with {type(vae.model).__name__}: {vae.family.unsupported}")
+        vae.family.check(vae.model, tuple(latents.tensor.shape), str(latents.path), vae.z_dim)
         check_for_vae(latents, vae.z_dim)
-        scale = int(vae.model.config.get("scale_factor_spatial") or getattr(vae.model, "spatial_compression_ratio", 8))
+        scale = vae.family.spatial_factor(vae.model)
         plans = [plan_encode(o, width=w * scale, height=h * scale, fps=fps, options=encode) for o in outputs]
         if plans[0].pad_right or plans[0].pad_bottom:
             self.reporter.log(f"frames are {w * scale}x{h * scale}: padding to even sizes for {plans[0].pix_fmt}"
@@ -154,25 +166,30 @@ class Session:
         """Like `run`, but yield each sample once all its frames are in its encoder, before ffmpeg finishes. The
         caller must `finish()` or `abort()` each; batch finishes them on another thread while the next decodes."""
         vae, options = job.vae, job.options
-        frames = job.latents.num_frames(vae.temporal_factor)
+        frames = vae.family.num_frames(vae.model, job.latents.tensor.shape[2])
+        settings = decode_settings(options, job.latents)
         for b, plan in enumerate(job.plans):
             with torch.inference_mode():  # not held across the yield: the caller's code runs there
-                z = job.latents.tensor[b : b + 1].to(vae.device, vae.dtype)
-                if options.denormalize:
-                    z = denormalize(z, vae.model.config)
-            streamed = self.stream_sample(vae, z, plan, options, progress=self.reporter.lanes(frames), jitter=jitter)
-            del z
+                z, kwargs = vae.family.prepare(vae.model, job.latents.tensor[b : b + 1],
+                                               denormalize=options.denormalize, settings=settings)
+            streamed = self.stream_sample(vae, z, plan, options, progress=self.reporter.lanes(frames), jitter=jitter,
+                                          decode_kwargs=kwargs)
+            del z, kwargs
             yield streamed
 
     def decode_sample(self, vae: LoadedVae, z: torch.Tensor, plan: EncodePlan, options: DecodeOptions, *,
-                      progress: Progress | None = None, jitter: Jitter | None = None) -> tuple[LaneStats, int]:
+                      progress: Progress | None = None, jitter: Jitter | None = None,
+                      decode_kwargs: dict | None = None) -> tuple[LaneStats, int]:
         """Decode one sample `z` [1, C, T, H, W], already on the VAE's device and dtype and denormalised, to
         `plan.dest`; return the lane stats (wall time from encoder start to the file in place) and the file size.
-        `run` uses it per sample; `bench` calls it directly on latents held in memory."""
-        return self.stream_sample(vae, z, plan, options, progress=progress, jitter=jitter).finish()
+        `run` uses it per sample; `bench` calls it directly on latents held in memory. `decode_kwargs`: the rest of
+        what the family's `prepare` gave (LTX's decode timestep)."""
+        return self.stream_sample(vae, z, plan, options, progress=progress, jitter=jitter,
+                                  decode_kwargs=decode_kwargs).finish()
 
     def stream_sample(self, vae: LoadedVae, z: torch.Tensor, plan: EncodePlan, options: DecodeOptions, *,
-                      progress: Progress | None = None, jitter: Jitter | None = None) -> Streamed:
+                      progress: Progress | None = None, jitter: Jitter | None = None,
+                      decode_kwargs: dict | None = None) -> Streamed:
         """`decode_sample` up to the point where every frame is in the encoder; the caller finishes or aborts."""
         t = time.perf_counter()
         engine = self.engine(vae, options)
@@ -180,7 +197,7 @@ class Session:
             pieces, step = engine.stream(z), 1
             frames_per_chunk = engine.max_frames(*z.shape[3:])
         else:
-            pieces, step = decode_stream(vae.model, z), options.chunk or 1
+            pieces, step = decode_stream(vae.model, z, **(decode_kwargs or {})), options.chunk or 1
             frames_per_chunk = step * vae.temporal_factor
         encoder = Encoder(plan)
         try:
@@ -252,6 +269,15 @@ class Job:
     vae: LoadedVae
     plans: list[EncodePlan]
     options: DecodeOptions
+
+
+def decode_settings(options: DecodeOptions, latents: Latents) -> DecodeSettings:
+    """Decode timestep and noise scale: the option, else the latents file's, else the pipeline's default (None)."""
+    stored = latents.decode_settings
+    return DecodeSettings(
+        timestep=options.decode_timestep if options.decode_timestep is not None else stored.get("decode_timestep"),
+        noise_scale=(options.decode_noise_scale if options.decode_noise_scale is not None
+                     else stored.get("decode_noise_scale")))
 
 
 def _checked_pieces(pieces, plan: EncodePlan):

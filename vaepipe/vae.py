@@ -10,34 +10,12 @@ from pathlib import Path
 
 import torch
 
+from . import families
 from .errors import BadInput
 
-# The Wan 2.2 (TI2V-5B) VAE config, as published in Wan-AI/Wan2.2-TI2V-5B-Diffusers/vae/config.json.
-_WAN22 = dict(
-    base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-    temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
-    scale_factor_spatial=16, scale_factor_temporal=4,
-    latents_mean=[-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813,
-                  0.0891, 0.157, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108,
-                  -0.2158, 0.2502, -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.123, -0.0313,
-                  -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.052, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944,
-                  0.3573, -0.0548, -0.1681, -0.0667],
-    latents_std=[0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.499, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
-                 0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
-                 0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
-                 0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.06, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744],
-)
-_TINY = dict(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
-# Random weights, named so that nobody mistakes them for a trained model. The AutoencoderKLWan() defaults are
-# the Wan 2.1 VAE.
-PRESETS: dict[str, dict] = {
-    "random:wan2.1": {},
-    "random:wan2.1-tiny": _TINY,
-    "random:wan2.2": _WAN22,
-    "random:wan2.2-tiny": {**_WAN22, **_TINY, "decoder_base_dim": 16},
-}
-# The VAE that a diffusers Wan pipeline of each latent width uses, looked up in the local Hub cache by default.
-DEFAULT_REPOS = {16: "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 48: "Wan-AI/Wan2.2-TI2V-5B-Diffusers"}
+# Random-weight presets of every family (random:<family>, random:<family>-tiny), named so that nobody mistakes them
+# for a trained model; families/ holds their configs.
+PRESETS = families.PRESETS
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -54,15 +32,16 @@ class LoadedVae:
         return isinstance(self.model, AutoencoderKLWan)
 
     @property
+    def family(self) -> families.Family:
+        return families.family_of(self.model)
+
+    @property
     def z_dim(self) -> int:
-        config = self.model.config
-        return config.get("z_dim") or config.get("latent_channels")
+        return self.family.z_dim(self.model)
 
     @property
     def temporal_factor(self) -> int:
-        from .decode import frames_per_latent
-
-        return frames_per_latent(self.model)
+        return self.family.temporal_factor(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -89,12 +68,13 @@ def load_vae(src: str, *, dtype: torch.dtype, device: torch.device) -> LoadedVae
 def _load(src: str, dtype: torch.dtype, device: torch.device) -> LoadedVae:
     if src.startswith("random:"):
         if src not in PRESETS:
-            raise BadInput(f"unknown preset {src!r}: use one of {', '.join(PRESETS)}")  # checked again for library use
-        from diffusers import AutoencoderKLWan
-
+            # checked again for library use
+            raise BadInput(f"unknown preset {src!r}: use random:NAME or random:NAME-tiny, NAME one of"
+                           f" {families.PRESET_NAMES}")
+        family, config = PRESETS[src]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the same random weights in every process, so runs are comparable
-            model = AutoencoderKLWan(**PRESETS[src])
+            model = family.build(config)
         return _ready(model, f"{src} (random weights, not a trained model)", dtype, device)
     path = Path(src).expanduser()
     if path.is_dir():
@@ -153,7 +133,7 @@ def _from_single_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
         raise BadInput(f"{path} is not a checkpoint: expected .safetensors, .pth, .pt or .ckpt")
     z_dim = _checkpoint_z_dim(path)
     # Keys left out of config.json take the class defaults, which are Wan 2.1's.
-    config = {"_class_name": "AutoencoderKLWan", **(_WAN22 if z_dim == 48 else {})}
+    config = {"_class_name": "AutoencoderKLWan", **(families.wan.WAN22 if z_dim == 48 else {})}
     with tempfile.TemporaryDirectory(prefix="vaepipe-config-") as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config))
         try:
