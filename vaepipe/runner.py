@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ from .decode import decode_stream
 from .encode import EncodeOptions, EncodePlan, Encoder, plan_encode
 from .errors import BadInput, VaepipeError
 from .latents import Latents, check_for_vae, denormalize, read_latents
+from .mux import for_sample, plan_mux, probe_audio
 from .pipeline import Buffers, Jitter, LaneStats, Progress, run_lanes
 from .progress import Reporter
 from .vae import DEFAULT_REPOS, DTYPES, PRESETS, LoadedVae, load_vae
@@ -118,29 +119,39 @@ class Session:
         return self._vaes[key]
 
     def prepare(self, latents: str | Path | Latents, output: str | Path, options: DecodeOptions,
-                encode: EncodeOptions) -> Job:
+                encode: EncodeOptions, *, vae: LoadedVae | None = None) -> Job:
         """Read and check everything a decode needs, before any GPU work; raise BadInput on any problem.
-        `latents` is a path, or latents already read (batch reads the next job's while one decodes)."""
+        `latents` is a path, or latents already read (batch reads the next job's while one decodes); `vae` one
+        already loaded (the API's: a pipeline's own), else `options.vae` is loaded once per session."""
         if not isinstance(latents, Latents):
             latents = read_latents(latents)
-        device = options.torch_device()
-        dtype = options.torch_dtype(device)
-        src = options.vae or DEFAULT_REPOS.get(latents.tensor.shape[1])
-        if src is None:
-            raise BadInput(f"latents have {latents.tensor.shape[1]} channels and no default VAE fits: pass --vae")
-        if src in PRESETS:  # a preset's width is known without building it
-            check_for_vae(latents, PRESETS[src].get("z_dim", 16))
+        if vae is None:
+            device = options.torch_device()
+            dtype = options.torch_dtype(device)
+            src = options.vae or DEFAULT_REPOS.get(latents.tensor.shape[1])
+            if src is None:
+                raise BadInput(f"latents have {latents.tensor.shape[1]} channels and no default VAE fits: pass --vae")
+            if src in PRESETS:  # a preset's width is known without building it
+                check_for_vae(latents, PRESETS[src].get("z_dim", 16))
         b, _, _, h, w = latents.tensor.shape
         fps = encode.fps or latents.fps or DEFAULT_FPS
         outputs = output_paths(output, b)
         for o in outputs:  # container, codec and pixel format, before the VAE is loaded (sizes come after)
             plan_encode(o, width=16, height=16, fps=fps, options=encode)
+        audio = probe_audio(encode.audio) if encode.audio else None
         if options.fast:
             self.reporter.log("note: --fast is the default on GPUs now (vaepipe's engine); the flag changes nothing")
-        vae = self.vae(src, dtype, device)
+        if vae is None:
+            vae = self.vae(src, dtype, device)
         check_for_vae(latents, vae.z_dim)
         scale = int(vae.model.config.get("scale_factor_spatial") or getattr(vae.model, "spatial_compression_ratio", 8))
         plans = [plan_encode(o, width=w * scale, height=h * scale, fps=fps, options=encode) for o in outputs]
+        # The video lasts frames / fps, at the rate ffmpeg is given (encode.py writes it with :g).
+        seconds = latents.num_frames(vae.temporal_factor) / float(f"{fps:g}")
+        plans = [replace(p, mux=plan_mux(p.dest.suffix.lower(), audio=audio, cut_audio=encode.cut_audio,
+                                         seconds=seconds, recorded=for_sample(latents.metadata, i, b),
+                                         given=encode.metadata, no_metadata=encode.no_metadata))
+                 for i, p in enumerate(plans)]
         if plans[0].pad_right or plans[0].pad_bottom:
             self.reporter.log(f"frames are {w * scale}x{h * scale}: padding to even sizes for {plans[0].pix_fmt}"
                               " by repeating the last column/row (not rescaled)")
@@ -158,7 +169,7 @@ class Session:
         for b, plan in enumerate(job.plans):
             with torch.inference_mode():  # not held across the yield: the caller's code runs there
                 z = job.latents.tensor[b : b + 1].to(vae.device, vae.dtype)
-                if options.denormalize:
+                if options.denormalize and not job.latents.raw:
                     z = denormalize(z, vae.model.config)
             streamed = self.stream_sample(vae, z, plan, options, progress=self.reporter.lanes(frames), jitter=jitter)
             del z
@@ -267,6 +278,7 @@ def summarize(job: Job, plan: EncodePlan, stats: LaneStats, size: int) -> dict:
         "output": str(plan.dest), "bytes": size, "frames": stats.frames, "width": plan.width,
         "height": plan.height, "fps": plan.fps, "codec": plan.codec, "pix_fmt": plan.pix_fmt,
         "vae": job.vae.source, "dtype": str(job.vae.dtype).removeprefix("torch."), "device": str(job.vae.device),
+        "audio": str(plan.mux.audio.path) if plan.mux.audio else None, "tags": [k for k, _ in plan.mux.tags],
         "mode": "sync" if job.options.sync else "pipelined", "exact": job.options.exact,
         "decoder": stats.engine or {"name": "diffusers"}, "buffers": 1 if job.options.sync else job.options.buffers,
         "wall_s": round(stats.wall_s, 4), "busy_s": {k: round(v, 4) for k, v in stats.busy_s.items()},
