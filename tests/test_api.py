@@ -14,7 +14,7 @@ import vaepipe
 from vaepipe import runner as runner_module
 from vaepipe.cli import app
 
-from conftest import diffusers_frames, read_video, tiny_vae
+from conftest import diffusers_frames, read_tags, read_video, tiny_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSSLESS = dict(codec="ffv1", pix_fmt="rgb24")
@@ -75,7 +75,7 @@ def test_api_and_cli_write_the_same_bytes_with_audio_and_tags(tmp_path, batch):
     subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "sine=frequency=330:duration=2", str(audio)],
                    check=True)
     z = torch.randn(batch, 16, 3, 3, 4, generator=torch.Generator().manual_seed(batch))
-    tags = {"prompt": "a red fox", "seed": 7}
+    tags = {"prompt": "a red fox" if batch == 1 else ["a fox", "a cat", "a dog"], "seed": 7}  # one per sample
     vaepipe.export_video(z, tmp_path / "api.mp4", vae=tiny_vae(), fps=12, crf=20, audio=audio, metadata=tags)
     torch.save({"latents": z, "fps": 12, **tags}, tmp_path / "lat.pt")
     cli_decode(tmp_path / "lat.pt", tmp_path / "cli.mp4", "--vae", "random:wan2.1-tiny", "--device", "cpu", "--crf",
@@ -83,6 +83,7 @@ def test_api_and_cli_write_the_same_bytes_with_audio_and_tags(tmp_path, batch):
     names = ["api.mp4"] if batch == 1 else [f"api_{b}.mp4" for b in range(batch)]
     for name in names:
         assert (tmp_path / name).read_bytes() == (tmp_path / name.replace("api", "cli")).read_bytes()
+    assert read_tags(tmp_path / names[-1])["title"] == ("a red fox" if batch == 1 else "a dog")
 
 
 def test_latents_on_another_device_and_dtype_are_moved_like_the_pipeline_moves_them(tmp_path):
@@ -142,6 +143,14 @@ def test_a_failure_while_finishing_raises_from_result_and_leaves_no_file(tmp_pat
         pending = exporter.export(torch.randn(16, 2, 3, 3), tmp_path / "a.mp4", wait=False)
         with pytest.raises(vaepipe.VaepipeError, match="No space left"):
             pending.result(timeout=60)
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_exporter_used_after_close_says_so_and_writes_nothing(tmp_path):
+    exporter = vaepipe.Exporter(vae=tiny_vae())
+    exporter.close()
+    with pytest.raises(vaepipe.VaepipeError, match="closed"):
+        exporter.export(torch.randn(16, 2, 3, 3), tmp_path / "a.mp4")
     assert not list(tmp_path.iterdir())
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .encode import EncodeOptions
-from .errors import BadInput
+from .errors import BadInput, VaepipeError
 from .latents import from_tensor
 from .progress import Reporter
 from .runner import DecodeOptions, Session, Streamed, summarize
@@ -71,6 +71,7 @@ class Exporter:
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="vaepipe-finish")
         self._pending: list[Pending] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     def export(self, latents: torch.Tensor, output: str | os.PathLike, *, fps: float | None = None,
                codec: str | None = None, crf: int = 18, preset: str = "medium", pix_fmt: str | None = None,
@@ -84,6 +85,8 @@ class Exporter:
 
         Returns the summary, {"outputs": [...]}, once the files are in place; with `wait=False` a `Pending` as soon
         as the frames are in ffmpeg. Raises BadInput (nothing written) for bad latents or options."""
+        if self._closed:
+            raise VaepipeError("this Exporter is closed: make a new one (or export inside its with-block)")
         latents = getattr(latents, "frames", latents)  # the pipeline's output object itself
         encode = EncodeOptions(codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, fps=fps, pad=pad, audio=audio,
                                cut_audio=cut_audio, metadata=metadata, no_metadata=no_metadata)
@@ -95,7 +98,11 @@ class Exporter:
             futures = []
             try:
                 for streamed in self._session.stream(job):
-                    futures.append(self._finisher.submit(_finish, job, streamed))
+                    try:
+                        futures.append(self._finisher.submit(_finish, job, streamed))
+                    except BaseException:
+                        streamed.abort()
+                        raise
             except BaseException:
                 for f in futures:  # the samples already in ffmpeg still finish; this one's error is raised
                     f.exception()
@@ -119,6 +126,7 @@ class Exporter:
 
     def close(self) -> None:
         """Wait for the files still finishing, then let the finishing thread go."""
+        self._closed = True
         try:
             self.wait()
         finally:
@@ -132,6 +140,7 @@ class Exporter:
             self.close()
             return
         # Leaving on an error: the clips already decoded are still finished, without masking that error.
+        self._closed = True
         with self._lock:
             pending, self._pending = self._pending, []
         for p in pending:

@@ -103,8 +103,10 @@ def check_metadata(metadata: dict) -> None:
         if not isinstance(key, str) or not _KEY.fullmatch(key):
             raise BadInput(f"metadata key {key!r} is not a tag name: use letters, digits, '_', '.' and '-' (at most"
                            " 64), such as prompt or seed")
-        if not isinstance(value, str | int | float | bool):
-            raise BadInput(f"metadata {key} must be text or a number, got a {type(value).__name__}")
+        scalars = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, str | int | float | bool) for v in scalars):
+            raise BadInput(f"metadata {key} must be text, a number, or a list of them (one per sample of a batch),"
+                           f" got a {type(value).__name__}")
 
 
 def parse_metadata(pairs: list[str]) -> dict[str, str]:
@@ -137,7 +139,7 @@ def _text(value) -> str:
 
 
 def for_sample(metadata: dict, b: int, batch: int) -> dict:
-    """Sample b's share of metadata saved for a batch: a list with one value per sample gives sample b's."""
+    """Sample b's share of metadata given for a batch: a list with one value per sample gives sample b's."""
     if batch == 1:
         return metadata
     return {k: v[b] if isinstance(v, list) and len(v) == batch else v for k, v in metadata.items()}

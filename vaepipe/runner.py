@@ -150,7 +150,8 @@ class Session:
         seconds = latents.num_frames(vae.temporal_factor) / float(f"{fps:g}")
         plans = [replace(p, mux=plan_mux(p.dest.suffix.lower(), audio=audio, cut_audio=encode.cut_audio,
                                          seconds=seconds, recorded=for_sample(latents.metadata, i, b),
-                                         given=encode.metadata, no_metadata=encode.no_metadata))
+                                         given=for_sample(encode.metadata or {}, i, b),
+                                         no_metadata=encode.no_metadata))
                  for i, p in enumerate(plans)]
         if plans[0].pad_right or plans[0].pad_bottom:
             self.reporter.log(f"frames are {w * scale}x{h * scale}: padding to even sizes for {plans[0].pix_fmt}"
