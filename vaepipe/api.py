@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -52,20 +53,18 @@ class Exporter:
     the model, no file round trip. Keeps the lane buffers from one export to the next; `export(..., wait=False)`
     returns as soon as the frames are in ffmpeg, so the caller generates the next clip while the encoder finishes.
 
-    Give the VAE (`vae=pipe.vae`) or the pipeline (`pipe=pipe`). It decodes on the VAE's device, in its dtype,
-    exactly as the pipeline's own `vae.decode` would. As a context manager, leaving the block waits for every file;
-    without one, call `wait()` (or each `Pending.result()`) before relying on the files.
+    Give the VAE (`vae=pipe.vae`) or the pipeline (`pipe=pipe`). It decodes on the VAE's device, in its dtype, as
+    the command line does: on a GPU with vaepipe's engine (kept from clip to clip, with what it tuned), fast by
+    default, `exact=True` for the bits of the pipeline's own `vae.decode`; on the CPU with diffusers' decoder. As a
+    context manager, leaving the block waits for every file; without one, call `wait()` (or each
+    `Pending.result()`) before relying on the files. Use one Exporter from one thread.
     """
 
-    def __init__(self, vae: torch.nn.Module | None = None, *, pipe=None, chunk: int = 1, buffers: int = 2,
-                 sync: bool = False, fast: bool = False, progress: bool = False):
+    def __init__(self, vae: torch.nn.Module | None = None, *, pipe=None, exact: bool = False, chunk: int | None = None,
+                 buffers: int = 2, sync: bool = False, progress: bool = False):
         model = _vae_of(vae, pipe)
         self._vae = LoadedVae(model=model, source=f"{type(model).__name__} (passed in)")
-        self._options = DecodeOptions(chunk=chunk, buffers=buffers, sync=sync, fast=fast)
-        if fast:  # the caller asked for the fast path on their own model: applied to it in place, once
-            from .decode import use_fast_path
-
-            use_fast_path(model)
+        self._options = DecodeOptions(exact=exact, chunk=chunk, buffers=buffers, sync=sync)
         self._reporter = Reporter(quiet=not progress)
         self._session = Session(self._reporter)
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="vaepipe-finish")
@@ -90,8 +89,7 @@ class Exporter:
         latents = getattr(latents, "frames", latents)  # the pipeline's output object itself
         encode = EncodeOptions(codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, fps=fps, pad=pad, audio=audio,
                                cut_audio=cut_audio, metadata=metadata, no_metadata=no_metadata)
-        options = DecodeOptions(chunk=self._options.chunk, buffers=self._options.buffers, sync=self._options.sync,
-                                fast=self._options.fast, denormalize=denormalize)
+        options = replace(self._options, denormalize=denormalize)
         _run_offload_hook(self._vae.model)
         with self._reporter:
             job = self._session.prepare(from_tensor(latents), output, options, encode, vae=self._vae)
@@ -150,13 +148,15 @@ class Exporter:
 
 
 def export_video(latents: torch.Tensor, output: str | os.PathLike, *, vae: torch.nn.Module | None = None, pipe=None,
-                 chunk: int = 1, buffers: int = 2, sync: bool = False, fast: bool = False, progress: bool = False,
-                 **options) -> dict:
+                 exact: bool = False, chunk: int | None = None, buffers: int = 2, sync: bool = False,
+                 progress: bool = False, **options) -> dict:
     """Write `latents` from a diffusers video pipeline (`output_type="latent"`) to `output` with the pipeline's own
-    VAE (`vae=pipe.vae` or `pipe=pipe`); return the summary. The drop-in for diffusers' `export_to_video`: the same
-    frames, byte for byte, as the pipeline's own decode. Options as in `Exporter.export` (fps, codec, crf, preset,
-    pix_fmt, pad, audio, cut_audio, metadata, no_metadata, denormalize). For many clips, keep one `Exporter`."""
-    with Exporter(vae, pipe=pipe, chunk=chunk, buffers=buffers, sync=sync, fast=fast, progress=progress) as exporter:
+    VAE (`vae=pipe.vae` or `pipe=pipe`); return the summary. The drop-in for diffusers' `export_to_video` (with
+    `exact=True`, or on the CPU: the very frames of the pipeline's own decode). Options as in `Exporter.export` (fps,
+    codec, crf, preset, pix_fmt, pad, audio, cut_audio, metadata, no_metadata, denormalize). For many clips, keep
+    one `Exporter`."""
+    with Exporter(vae, pipe=pipe, exact=exact, chunk=chunk, buffers=buffers, sync=sync,
+                  progress=progress) as exporter:
         return exporter.export(latents, output, **options)
 
 
