@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--preset", default="medium", help="x264 preset")
+    parser.add_argument("--exact", action="store_true", help="the engine's exact policy (diffusers' bits)")
     parser.add_argument("--out", type=Path, default=Path("bench/loop"))
     args = parser.parse_args(argv)
     if args.clips < 2:
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    with vaepipe.Exporter(vae=vae) as exporter:
+    with vaepipe.Exporter(vae=vae, exact=args.exact) as exporter:
         first = exporter.export(latents[0], args.out / "clip0.mp4", preset=args.preset, wait=False)
         t1 = time.perf_counter()  # clip 1 decoded; its encoder may still be finishing
         pending = [exporter.export(z, args.out / f"clip{i}.mp4", preset=args.preset, wait=False)
@@ -56,14 +57,15 @@ def main(argv: list[str] | None = None) -> dict:
     busy = sum(c["busy_s"]["decode"] for c in clips[1:])
     report = {
         "vae": args.vae, "size": args.size, "clips": args.clips, "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."), "preset": args.preset,
+        "dtype": str(dtype).removeprefix("torch."), "preset": args.preset, "exact": args.exact,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "first_clip_s": round(t1 - t0, 4),
         "after_first_wall_s": round(t_end - t1, 4),
         "after_first_decode_busy_s": round(busy, 4),
         "decode_busy_ratio_after_first": round(busy / (t_end - t1), 4),
         "last_drain_s": round(t_end - t_decoded, 4),
-        "per_clip": [{k: c[k] for k in ("output", "frames", "wall_s", "busy_s", "encoder_drain_s")} for c in clips],
+        "per_clip": [{k: c[k] for k in ("output", "frames", "wall_s", "busy_s", "encoder_drain_s", "decoder")}
+                     for c in clips],
         "vaepipe": vaepipe.__version__, "torch": torch.__version__,
     }
     (args.out / "loop.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -16,10 +16,14 @@ import json
 import os
 import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import BadInput
+
+if TYPE_CHECKING:
+    from .encode import EncodeOptions, EncodePlan
 
 # Audio codecs each container takes as they are (stream copy); anything else is encoded: AAC into MP4/MOV, Opus into
 # WebM, FLAC into Matroska. Kept to what common players read, not to all that ffmpeg would mux.
@@ -143,6 +147,20 @@ def for_sample(metadata: dict, b: int, batch: int) -> dict:
     if batch == 1:
         return metadata
     return {k: v[b] if isinstance(v, list) and len(v) == batch else v for k, v in metadata.items()}
+
+
+def with_mux(plans: list[EncodePlan], encode: EncodeOptions, *, audio: Audio | None, recorded: dict,
+             frames: int) -> list[EncodePlan]:
+    """`plans` (one per sample of a batch) with their Mux: the soundtrack, cut to `frames` at the plans' fps, and
+    each sample's tags from what its latents recorded and what `encode` gives."""
+    out = []
+    for b, plan in enumerate(plans):
+        seconds = frames / float(f"{plan.fps:g}")  # at the rate ffmpeg is given (encode.py writes it with :g)
+        mux = plan_mux(plan.dest.suffix.lower(), audio=audio, cut_audio=encode.cut_audio, seconds=seconds,
+                       recorded=for_sample(recorded, b, len(plans)),
+                       given=for_sample(encode.metadata or {}, b, len(plans)), no_metadata=encode.no_metadata)
+        out.append(replace(plan, mux=mux))
+    return out
 
 
 def plan_mux(suffix: str, *, audio: Audio | None, cut_audio: bool, seconds: float, recorded: dict,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ from .decode import decode_stream
 from .encode import EncodeOptions, EncodePlan, Encoder, plan_encode
 from .errors import BadInput, VaepipeError
 from .latents import Latents, check_for_vae, denormalize, read_latents
-from .mux import for_sample, plan_mux, probe_audio
+from .mux import probe_audio, with_mux
 from .pipeline import Buffers, Jitter, LaneStats, Progress, run_lanes
 from .progress import Reporter
 from .vae import DEFAULT_REPOS, DTYPES, PRESETS, LoadedVae, load_vae
@@ -125,14 +125,13 @@ class Session:
         already loaded (the API's: a pipeline's own), else `options.vae` is loaded once per session."""
         if not isinstance(latents, Latents):
             latents = read_latents(latents)
-        if vae is None:
-            device = options.torch_device()
-            dtype = options.torch_dtype(device)
-            src = options.vae or DEFAULT_REPOS.get(latents.tensor.shape[1])
-            if src is None:
-                raise BadInput(f"latents have {latents.tensor.shape[1]} channels and no default VAE fits: pass --vae")
-            if src in PRESETS:  # a preset's width is known without building it
-                check_for_vae(latents, PRESETS[src].get("z_dim", 16))
+        device = options.torch_device()
+        dtype = options.torch_dtype(device)
+        src = options.vae or DEFAULT_REPOS.get(latents.tensor.shape[1])
+        if src is None and vae is None:
+            raise BadInput(f"latents have {latents.tensor.shape[1]} channels and no default VAE fits: pass --vae")
+        if src in PRESETS:  # a preset's width is known without building it
+            check_for_vae(latents, PRESETS[src].get("z_dim", 16))
         b, _, _, h, w = latents.tensor.shape
         fps = encode.fps or latents.fps or DEFAULT_FPS
         outputs = output_paths(output, b)
@@ -146,13 +145,8 @@ class Session:
         check_for_vae(latents, vae.z_dim)
         scale = int(vae.model.config.get("scale_factor_spatial") or getattr(vae.model, "spatial_compression_ratio", 8))
         plans = [plan_encode(o, width=w * scale, height=h * scale, fps=fps, options=encode) for o in outputs]
-        # The video lasts frames / fps, at the rate ffmpeg is given (encode.py writes it with :g).
-        seconds = latents.num_frames(vae.temporal_factor) / float(f"{fps:g}")
-        plans = [replace(p, mux=plan_mux(p.dest.suffix.lower(), audio=audio, cut_audio=encode.cut_audio,
-                                         seconds=seconds, recorded=for_sample(latents.metadata, i, b),
-                                         given=for_sample(encode.metadata or {}, i, b),
-                                         no_metadata=encode.no_metadata))
-                 for i, p in enumerate(plans)]
+        plans = with_mux(plans, encode, audio=audio, recorded=latents.metadata,
+                         frames=latents.num_frames(vae.temporal_factor))
         if plans[0].pad_right or plans[0].pad_bottom:
             self.reporter.log(f"frames are {w * scale}x{h * scale}: padding to even sizes for {plans[0].pix_fmt}"
                               " by repeating the last column/row (not rescaled)")
