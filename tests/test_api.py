@@ -140,10 +140,11 @@ def test_a_failure_while_finishing_raises_from_result_and_leaves_no_file(tmp_pat
 
     monkeypatch.setattr(encode.Encoder, "_publish", full_disk)
     with vaepipe.Exporter(vae=tiny_vae()) as exporter:
-        pending = exporter.export(torch.randn(16, 2, 3, 3), tmp_path / "a.mp4", wait=False)
+        pending = exporter.export(torch.randn(16, 2, 3, 3), tmp_path / "a.mp4", metadata={"prompt": "a cat"},
+                                  wait=False)
         with pytest.raises(vaepipe.VaepipeError, match="No space left"):
             pending.result(timeout=60)
-    assert not list(tmp_path.iterdir())
+    assert not list(tmp_path.iterdir())  # neither the temporary video nor its tags file
 
 
 def test_an_exporter_used_after_close_says_so_and_writes_nothing(tmp_path):
