@@ -69,3 +69,42 @@ def latents_file(tmp_path) -> Path:
     path = tmp_path / "lat.pt"
     write_latents(path, (16, 3, 3, 5), fps=12.0)
     return path
+
+
+def read_tags(path: Path) -> dict[str, str]:
+    """The container's global tags as ffmpeg reads them back (names lower-cased: Matroska stores COMMENT)."""
+    text = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"], capture_output=True,
+                          check=True).stdout.decode()
+    # ffmetadata escapes = ; # \ and newlines with a backslash; a line ending in one goes on.
+    tags, key, value, escaped = {}, None, [], False
+    for ch in text.split("\n", 1)[1]:
+        if escaped:
+            value.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == "=" and key is None:
+            key, value = "".join(value), []
+        elif ch == "\n":
+            if key is not None:
+                tags[key.lower()] = "".join(value)
+            key, value = None, []
+        else:
+            value.append(ch)
+    return tags
+
+
+def audio_track(path: Path) -> tuple[str, float]:
+    """The first audio stream's codec and its duration in seconds, counted from its decoded samples."""
+    probe = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True).stderr
+    codec = re.search(r"Stream #\d+:\d+.*?: Audio: (\w+)", probe).group(1)
+    pcm = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-map", "0:a:0", "-f", "s16le", "-ac", "1",
+                          "-ar", "48000", "-"], capture_output=True, check=True).stdout
+    return codec, len(pcm) / 2 / 48000
+
+
+def make_audio(path: Path, seconds: float, *args: str) -> Path:
+    """A sine tone of `seconds`, encoded as `path`'s extension says (extra ffmpeg output args in `args`)."""
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i",
+                    f"sine=frequency=440:duration={seconds}:sample_rate=48000", *args, str(path)], check=True)
+    return path

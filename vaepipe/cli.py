@@ -83,28 +83,42 @@ DecodeTimestep = Annotated[float | None, typer.Option(help="Timestep-conditioned
                                                            "decode_timestep (default: the latents file's, else 0).")]
 DecodeNoise = Annotated[float | None, typer.Option(help="Their decode_noise_scale (default: the latents file's, else "
                                                         "the decode timestep).")]
+Audio = Annotated[Path | None, typer.Option(help="Soundtrack to mux (wav, mp3, m4a, flac, opus…): copied where the "
+                                                "container takes its codec, else AAC (MP4/MOV) or Opus (WebM).")]
+CutAudio = Annotated[bool, typer.Option("--cut-audio/--no-cut-audio", help="Cut the soundtrack at the video's end; "
+                                                                           "--no-cut-audio keeps all of it.")]
+Metadata = Annotated[list[str] | None, typer.Option(help="KEY=VALUE tag, repeatable: title, comment, artist… as they "
+                                                         "are; other keys join the JSON comment beside the latents "
+                                                         "file's prompt, seed, model.")]
+NoMetadata = Annotated[bool, typer.Option("--no-metadata", help="Write no tags (not even the latents file's).")]
 Json = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 
 
 @app.command()
 def decode(
-    latents: Annotated[Path, typer.Argument(help="Latents: .pt, .safetensors or .npy, [C,T,H,W] or [B,C,T,H,W].")],
+    latents: Annotated[Path, typer.Argument(help="Latents: .pt, .safetensors, .npy ([C,T,H,W] or [B,C,T,H,W]) or "
+                                                 "a ComfyUI .latent.")],
     output: Annotated[str, typer.Argument(help="Video file (.mp4 .mkv .mov .webm) or a PNG pattern "
                                                "(frames/%05d.png). A batch of B writes out_0.mp4 … out_{B-1}.mp4.")],
     vae: Vae = None, dtype: Dtype = None, device: Device = None, chunk: Chunk = None, buffers: Buffers = 2,
     sync: Sync = False, fps: Fps = None, codec: Codec = None, crf: Crf = 18, preset: Preset = "medium",
     pix_fmt: PixFmt = None, pad: Pad = True, denormalize: Denorm = True, exact: Exact = False,
     engine: EngineOpt = None, fast: Fast = False, decode_timestep: DecodeTimestep = None,
-    decode_noise_scale: DecodeNoise = None, json_out: Json = False, quiet: Quiet = False,
+    decode_noise_scale: DecodeNoise = None, audio: Audio = None, cut_audio: CutAudio = True,
+    metadata: Metadata = None, no_metadata: NoMetadata = False, json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Decode one latents file into a video through the three-lane pipeline."""
+    from .mux import parse_metadata
+
     reporter = Reporter(quiet=quiet, as_json=json_out)
     try:
         options = DecodeOptions(vae=vae, dtype=dtype, device=device, chunk=chunk, buffers=buffers, sync=sync,
                                 denormalize=denormalize, exact=exact, engine=engine, fast=fast,
                                 decode_timestep=decode_timestep, decode_noise_scale=decode_noise_scale)
-        encode = EncodeOptions(codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, fps=fps, pad=pad)
+        encode = EncodeOptions(codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, fps=fps, pad=pad, audio=audio,
+                               cut_audio=cut_audio, metadata=parse_metadata(metadata) if metadata else None,
+                               no_metadata=no_metadata)
         with reporter:
             session = Session(reporter)
             job = session.prepare(latents, output, options, encode)
@@ -131,21 +145,26 @@ def batch(
     sync: Sync = None, fps: Fps = None, codec: Codec = None, crf: Crf = None, preset: Preset = None,
     pix_fmt: PixFmt = None, pad: Pad = None, denormalize: Denorm = None, exact: Exact = None,
     engine: EngineOpt = None, fast: Fast = None, decode_timestep: DecodeTimestep = None,
-    decode_noise_scale: DecodeNoise = None, json_out: Json = False, quiet: Quiet = False,
+    decode_noise_scale: DecodeNoise = None, audio: Audio = None, cut_audio: CutAudio = None,
+    metadata: Metadata = None, no_metadata: NoMetadata = None, json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Decode many latents files as one batch: GPU kept busy, bad jobs skipped, resumable, sharded by torchrun.
 
     Decode options given here override the config's jobs and \\[defaults]. Exit code 1 if any job failed."""
     from . import batch as runs
     from .config import load_config
+    from .mux import parse_metadata
 
     given = {"vae": vae, "dtype": dtype, "device": device, "chunk": chunk, "buffers": buffers, "sync": sync,
              "fps": fps, "codec": codec, "crf": crf, "preset": preset, "pix_fmt": pix_fmt, "pad": pad,
              "denormalize": denormalize, "exact": exact, "engine": engine, "fast": fast,
-             "decode_timestep": decode_timestep, "decode_noise_scale": decode_noise_scale}
+             "decode_timestep": decode_timestep, "decode_noise_scale": decode_noise_scale,
+             "audio": str(audio.resolve()) if audio else None, "cut_audio": cut_audio, "no_metadata": no_metadata}
     overrides = {k: v for k, v in given.items() if v is not None}
     reporter = Reporter(quiet=quiet, as_json=json_out)
     try:
+        if metadata:
+            overrides["metadata"] = parse_metadata(metadata)
         cfg = load_config(config, overrides)
         options = runs.BatchOptions(shard=runs.parse_shard(shard) if shard else None, overwrite=overwrite,
                                     manifest=manifest)
@@ -196,7 +215,12 @@ def _as_args(overrides: dict) -> list[str]:
     args = []
     for key, value in overrides.items():
         flag = key.replace("_", "-")
-        if isinstance(value, bool):
+        if key == "metadata":
+            for k, v in value.items():
+                args += ["--metadata", f"{k}={v}"]
+        elif key == "no_metadata":
+            args += ["--no-metadata"] if value else []
+        elif isinstance(value, bool):
             args.append(f"--{flag}" if value else f"--no-{flag}")
         else:
             args += [f"--{flag}", str(value)]

@@ -13,6 +13,8 @@
     inputs = "latents/more/*.pt"
     output_dir = "videos/more"
     suffix = ".mkv"                # optional, default .mp4
+    audio = "music/theme.m4a"      # a soundtrack, like any option (relative to the config)
+    metadata = { artist = "me" }   # tags add up key by key: [defaults] < job < command line
 
 Relative paths are relative to the config file. Precedence: command line > job > [defaults] > built-in.
 Every problem is reported at once, each with its TOML path (`jobs[3].crf must be in 0..51 for h264, got 60`).
@@ -38,10 +40,12 @@ from .runner import DecodeOptions
 DECODE_KEYS = {"vae": str, "dtype": str, "device": str, "chunk": int, "buffers": int, "sync": bool,
                "denormalize": bool, "exact": bool, "fast": bool, "engine": bool, "decode_timestep": float,
                "decode_noise_scale": float}
-ENCODE_KEYS = {"codec": str, "crf": int, "preset": str, "pix_fmt": str, "fps": float, "pad": bool}
+ENCODE_KEYS = {"codec": str, "crf": int, "preset": str, "pix_fmt": str, "fps": float, "pad": bool, "audio": str,
+               "cut_audio": bool, "metadata": dict, "no_metadata": bool}
 OPTION_KEYS = DECODE_KEYS | ENCODE_KEYS
 PATH_KEYS = ("latents", "output", "inputs", "output_dir", "suffix")
-_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", float: "a number"}
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", float: "a number",
+               dict: "a table such as { artist = \"me\" }"}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -164,8 +168,19 @@ class _Checker:
             return []
         merged = {**base, **own, **cli}
         values = {k: v for k, (v, _) in merged.items()}
+        tables = [level["metadata"][0] for level in (base, own, cli) if "metadata" in level]
+        if tables:  # tags add up, key by key
+            values["metadata"] = {k: v for table in tables for k, v in table.items()}
+        if "audio" in merged:  # relative to the config (the command line's is absolute already)
+            values["audio"] = str(self.resolve(values["audio"]))
+            if not Path(values["audio"]).is_file():
+                self.problem(f"{merged['audio'][1]} {values['audio']!r} does not exist")
         decode = DecodeOptions(**{k: v for k, v in values.items() if k in DECODE_KEYS})
-        encode = EncodeOptions(**{k: v for k, v in values.items() if k in ENCODE_KEYS})
+        try:
+            encode = EncodeOptions(**{k: v for k, v in values.items() if k in ENCODE_KEYS})
+        except BadInput as e:  # fields valid one by one that do not go together
+            self.problem(f"{where}: {e}")
+            return []
         bad = self.bad_shared | {k for k in entry if k in OPTION_KEYS and k not in own}
         if not bad & ENCODE_KEYS.keys():
             # Checks across fields only when each field is valid, so one mistake gives one message.
@@ -214,7 +229,7 @@ class _Checker:
 
     def latents_ok(self, label: str, path: Path) -> bool:
         if path.suffix.lower() not in SUFFIXES:
-            self.problem(f"{label} {str(path)!r} is not a latents file: use .pt, .safetensors or .npy")
+            self.problem(f"{label} {str(path)!r} is not a latents file: use .pt, .safetensors, .npy or .latent")
             return False
         if not path.is_file():
             self.problem(f"{label} {str(path)!r} does not exist")

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInput, VaepipeError
+from .mux import Mux, check_metadata
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 # The speed ladders of the other encoders, indexed like X264_PRESETS (slowest last).
@@ -89,6 +90,14 @@ class EncodeOptions:
     """Frame rate; None takes the latents file's fps, else 16."""
     pad: bool = True
     """Pad odd sizes by edge replication where the pixel format subsamples chroma."""
+    audio: str | None = None
+    """A soundtrack to mux: stream-copied where the container takes its codec, else AAC (MP4/MOV) or Opus (WebM)."""
+    cut_audio: bool = True
+    """Cut the soundtrack at the video's end; False keeps all of it (the file then lasts as long as the longer)."""
+    metadata: dict | None = None
+    """Tags to write beside those the latents file records (KEY: value; a given KEY wins)."""
+    no_metadata: bool = False
+    """Write no tags at all."""
 
     def __post_init__(self) -> None:
         if self.codec is not None and self.codec not in CODECS:
@@ -101,6 +110,16 @@ class EncodeOptions:
             raise BadInput(f"crf must be in 0..63, got {self.crf}")
         if self.fps is not None and not 0 < self.fps <= 1000:
             raise BadInput(f"fps must be in (0, 1000], got {self.fps}")
+        if self.audio is not None:
+            self.audio = os.fspath(self.audio)
+            if not self.audio:
+                raise BadInput("audio must name a sound file, got an empty path")
+        if self.metadata is not None:
+            if not isinstance(self.metadata, dict):
+                raise BadInput(f"metadata must be a table of KEY = value, got {self.metadata!r}")
+            check_metadata(self.metadata)
+            if self.metadata and self.no_metadata:
+                raise BadInput("metadata given and no_metadata set: drop one (--no-metadata writes no tags at all)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +136,8 @@ class EncodePlan:
     pad_bottom: int
     crf: int
     preset: str
+    mux: Mux = Mux()
+    """Soundtrack and tags, planned by mux.plan_mux once the clip's length is known."""
 
     @property
     def is_sequence(self) -> bool:
@@ -189,12 +210,13 @@ def probe_encoder(encoder: str) -> tuple[bool, str]:
     return run.returncode == 0, why or (lines[-1] if lines else f"exit code {run.returncode}")
 
 
-def _command(plan: EncodePlan, target: Path) -> list[str]:
+def _command(plan: EncodePlan, target: Path, tags_file: Path | None = None) -> list[str]:
     h, w, _ = plan.frame_shape
     spec = CODECS[plan.codec]
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-framerate", f"{plan.fps:g}", "-i", "pipe:0",
-           "-an", "-c:v", spec.encoder, *spec.quality_args(plan.crf, plan.preset), "-pix_fmt", plan.pix_fmt]
+           *plan.mux.input_args(tags_file), *plan.mux.output_args(tags_file),
+           "-c:v", spec.encoder, *spec.quality_args(plan.crf, plan.preset), "-pix_fmt", plan.pix_fmt]
     if plan.pix_fmt != "rgb24":
         # swscale converts RGB with BT.601 unless told; convert with BT.709 and say so in the stream.
         # setparams: encoder-side -color_* flags alone leave primaries and transfer unset in the stream.
@@ -245,10 +267,13 @@ class Encoder:
             raise VaepipeError(f"cannot write {dest}: {e}") from None
         target = self._tmp / dest.name if plan.is_sequence else self._tmp
         self._stderr: collections.deque[str] = collections.deque(maxlen=40)
+        self._tags: Path | None = None
         try:
+            # Beside the output, named like it, so that a killed run's stale-part clean-up takes it too.
+            self._tags = plan.mux.write_tags(self._tmp.with_name(self._tmp.name.removesuffix(".part") + ".tags.part"))
             # Own session: a terminal's Ctrl-C reaches vaepipe, which stops ffmpeg itself, rather than ffmpeg directly.
-            self._proc = subprocess.Popen(_command(plan, target), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE, start_new_session=True)
+            self._proc = subprocess.Popen(_command(plan, target, self._tags), stdin=subprocess.PIPE,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         except OSError as e:
             self._remove_tmp()
             raise VaepipeError(f"could not start ffmpeg: {e}") from None
@@ -286,6 +311,8 @@ class Encoder:
                 self._publish()
             except OSError as e:
                 raise VaepipeError(f"cannot move the finished video to {self.plan.dest}: {e}") from None
+            if self._tags:
+                self._tags.unlink(missing_ok=True)
         except BaseException:
             self.abort()
             raise
@@ -307,6 +334,8 @@ class Encoder:
             shutil.rmtree(self._tmp, ignore_errors=True)
         else:
             self._tmp.unlink(missing_ok=True)
+        if self._tags:
+            self._tags.unlink(missing_ok=True)
 
     def _publish(self) -> None:
         dest = self.plan.dest

@@ -1,7 +1,9 @@
-"""Reading latents: .pt (tensors only, never arbitrary pickles), .safetensors or .npy; checked before any GPU work."""
+"""Reading latents: .pt (tensors only, never arbitrary pickles), .safetensors, .npy or ComfyUI's .latent; checked
+before any GPU work."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -11,7 +13,7 @@ import torch
 
 from .errors import BadInput
 
-SUFFIXES = (".pt", ".pth", ".safetensors", ".npy")
+SUFFIXES = (".pt", ".pth", ".safetensors", ".npy", ".latent")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -24,6 +26,10 @@ class Latents:
     path: Path
     decode_settings: dict[str, float] = field(default_factory=dict)
     """Stored beside the latents for timestep-conditioned decoders (LTX): decode_timestep, decode_noise_scale."""
+    metadata: dict = field(default_factory=dict)
+    """What made them, as stored beside them (prompt, seed, model…): written into the video's tags."""
+    raw: bool = False
+    """Already in the VAE's own space (ComfyUI's): never denormalised."""
 
     def num_frames(self, temporal_factor: int) -> int:
         """Frames a causal video VAE makes of T latent frames: the first gives one, each later one `temporal_factor`."""
@@ -36,13 +42,16 @@ def read_latents(path: str | Path) -> Latents:
         raise BadInput(f"latents file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
-        raise BadInput(f"cannot read latents from {str(path)!r}: use a .pt, .safetensors or .npy file")
-    fps, settings = None, {}
+        raise BadInput(f"cannot read latents from {str(path)!r}: use a .pt, .safetensors, .npy or ComfyUI .latent"
+                       " file")
+    fps, metadata = None, {}
     try:
         if suffix in (".pt", ".pth"):
-            tensor, fps, settings = _from_torch(path)
+            tensor, fps, metadata = _from_torch(path)
         elif suffix == ".safetensors":
-            tensor, fps, settings = _from_safetensors(path)
+            tensor, fps, metadata = _from_safetensors(path)
+        elif suffix == ".latent":
+            tensor, metadata = _from_comfyui(path)
         else:
             import numpy as np
 
@@ -57,10 +66,22 @@ def read_latents(path: str | Path) -> Latents:
                        f" {suffix} file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if fps is not None and not 0 < fps <= 1000:  # also NaN
         raise BadInput(f"{str(path)!r}: the stored fps must be in (0, 1000], got {fps}; pass --fps to override")
-    return Latents(tensor=_checked(tensor, path), fps=fps, path=path, decode_settings=settings)
+    settings = _settings(metadata, path)
+    metadata = {k: v for k, v in metadata.items() if k not in settings}
+    return Latents(tensor=_checked(tensor, path), fps=fps, path=path, decode_settings=settings, metadata=metadata,
+                   raw=suffix == ".latent")
 
 
-def _from_torch(path: Path) -> tuple[torch.Tensor, float | None, dict[str, float]]:
+def from_tensor(tensor, *, name: str = "latents") -> Latents:
+    """Latents held in memory (a pipeline's `output_type="latent"` output), on any device, with the file checks."""
+    if not isinstance(tensor, torch.Tensor):
+        what = type(tensor).__name__
+        raise BadInput(f"latents must be a torch.Tensor [B, C, T, H, W], got a {what}: call the pipeline with"
+                       ' output_type="latent" and pass its .frames')
+    return Latents(tensor=_checked(tensor.detach(), Path(name)), fps=None, path=Path(name))
+
+
+def _from_torch(path: Path) -> tuple[torch.Tensor, float | None, dict]:
     # weights_only: a hostile pickle is refused by torch's restricted unpickler instead of being executed.
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, torch.Tensor):
@@ -69,12 +90,20 @@ def _from_torch(path: Path) -> tuple[torch.Tensor, float | None, dict[str, float
         fps = obj.get("fps")
         if fps is not None and not isinstance(fps, (int, float)):
             raise BadInput(f"{str(path)!r}: 'fps' must be a number, got {type(fps).__name__}")
-        return obj["latents"], (float(fps) if fps is not None else None), _settings(obj, path)
+        # Plain values beside the latents (prompt, seed, model…) say what made them; tensors and the fps do not.
+        metadata = {k: v for k, v in obj.items() if k not in ("latents", "fps") and _is_plain(v)}
+        return obj["latents"], (float(fps) if fps is not None else None), metadata
     raise BadInput(f"{str(path)!r} holds a {type(obj).__name__}, not latents: save a tensor, or a dict with a"
                    " 'latents' tensor and an optional 'fps'")
 
 
-def _from_safetensors(path: Path) -> tuple[torch.Tensor, float | None, dict[str, float]]:
+def _is_plain(value) -> bool:
+    if isinstance(value, list):
+        return all(isinstance(v, str | int | float | bool) for v in value)
+    return isinstance(value, str | int | float | bool)
+
+
+def _from_safetensors(path: Path) -> tuple[torch.Tensor, float | None, dict]:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -83,9 +112,12 @@ def _from_safetensors(path: Path) -> tuple[torch.Tensor, float | None, dict[str,
             key = "latents" if "latents" in keys else (keys[0] if len(keys) == 1 else None)
             if key is None:
                 raise BadInput(f"{str(path)!r} holds tensors {keys}: name the latents 'latents'")
-            fps = (f.metadata() or {}).get("fps")
+            stored = f.metadata() or {}
+            fps = stored.get("fps")
+            # "format" is what safetensors writers note about themselves, not what made the latents.
+            metadata = {k: v for k, v in stored.items() if k not in ("fps", "format")}
             try:
-                return f.get_tensor(key), (float(fps) if fps is not None else None), _settings(f.metadata() or {}, path)
+                return f.get_tensor(key), (float(fps) if fps is not None else None), metadata
             except ValueError:
                 raise BadInput(f"{str(path)!r}: the stored fps {fps!r} is not a number; pass --fps") from None
     except SafetensorError as e:
@@ -105,6 +137,58 @@ def _settings(stored: dict, path: Path) -> dict[str, float]:
                 raise BadInput(f"{str(path)!r}: the stored {key} must be in 0..1, got {settings[key]}; pass"
                                f" --{key.replace('_', '-')} to override")
     return settings
+
+
+# ComfyUI's LATENT values are in the VAE's own space: its samplers apply the model's latent format
+# (`process_latent_out`: for Wan, `z * std + mean`, the very constants of diffusers' Wan VAE config) before they
+# return, and its VAEDecode decodes them as they are. So a .latent decodes with no denormalisation, for the
+# families whose ComfyUI VAE takes the same latents as diffusers' (checked for Wan 2.1 and 2.2).
+COMFYUI_CHANNELS = {16: "Wan 2.1", 48: "Wan 2.2 TI2V-5B"}
+_COMFYUI_MARKER = "latent_format_version_"
+
+
+def _from_comfyui(path: Path) -> tuple[torch.Tensor, dict]:
+    """A .latent from ComfyUI's SaveLatent: safetensors with `latent_tensor` and a `latent_format_version_0` marker,
+    the workflow as JSON in the metadata (`prompt`: the graph it ran, `workflow`: the editor's)."""
+    from safetensors import SafetensorError, safe_open
+
+    name = str(path)
+    try:
+        with safe_open(name, framework="pt") as f:
+            keys = set(f.keys())
+            stored = f.metadata() or {}
+            if "latent_tensor" not in keys:
+                raise BadInput(f"{name!r} is not a ComfyUI latent: it has no 'latent_tensor' (it holds"
+                               f" {sorted(keys)}); save it with ComfyUI's SaveLatent node")
+            versions = sorted(k.removeprefix(_COMFYUI_MARKER) for k in keys if k.startswith(_COMFYUI_MARKER))
+            if not versions:
+                raise BadInput(f"{name!r} has no latent_format_version_0 marker: it is a pre-2023 Stable Diffusion"
+                               " image latent, not a video one; save the video latents with a current ComfyUI")
+            if "0" not in versions:
+                raise BadInput(f"{name!r} is a ComfyUI latent of format version {', '.join(versions)}, which vaepipe"
+                               " does not know (it reads version 0): update vaepipe, or save it with SaveLatent"
+                               " from a ComfyUI that writes version 0")
+            tensor = f.get_tensor("latent_tensor")
+    except SafetensorError as e:
+        raise ValueError(str(e)) from None
+    if tensor.dim() != 5:
+        raise BadInput(f"{name!r} holds {tuple(tensor.shape)} latents: an image latent, not a video one (ComfyUI"
+                       " video latents are [B, C, T, H, W])")
+    channels = tensor.shape[1]
+    if channels not in COMFYUI_CHANNELS:
+        known = ", ".join(f"{c} ({family})" for c, family in COMFYUI_CHANNELS.items())
+        raise BadInput(f"{name!r} holds ComfyUI latents with {channels} channels: vaepipe knows what ComfyUI does"
+                       f" before VAEDecode only for {known}; decode these in ComfyUI")
+    # ComfyUI's LoadLatent hands them on as float32; the workflow's JSON is kept as JSON, not as a quoted string.
+    return tensor.float(), {k: _json_or_text(v) for k, v in stored.items() if v}
+
+
+def _json_or_text(text: str):
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict | list) else text
 
 
 def _checked(t: torch.Tensor, path: Path) -> torch.Tensor:

@@ -16,6 +16,7 @@ from .encode import EncodeOptions, EncodePlan, Encoder, plan_encode
 from .errors import BadInput, VaepipeError
 from .families import PRESET_NAMES, DecodeSettings, default_repo, preset_channels
 from .latents import Latents, check_for_vae, read_latents
+from .mux import probe_audio, with_mux
 from .pipeline import Buffers, Jitter, LaneStats, Progress, run_lanes
 from .progress import Reporter
 from .vae import DTYPES, PRESETS, LoadedVae, load_vae
@@ -128,14 +129,15 @@ class Session:
         return self._vaes[key]
 
     def prepare(self, latents: str | Path | Latents, output: str | Path, options: DecodeOptions,
-                encode: EncodeOptions) -> Job:
+                encode: EncodeOptions, *, vae: LoadedVae | None = None) -> Job:
         """Read and check everything a decode needs, before any GPU work; raise BadInput on any problem.
-        `latents` is a path, or latents already read (batch reads the next job's while one decodes)."""
+        `latents` is a path, or latents already read (batch reads the next job's while one decodes); `vae` one
+        already loaded (the API's: a pipeline's own), else `options.vae` is loaded once per session."""
         if not isinstance(latents, Latents):
             latents = read_latents(latents)
         device = options.torch_device()
         dtype = options.torch_dtype(device)
-        src = options.vae or default_repo(latents.tensor.shape[1])
+        src = options.vae or (None if vae is not None else default_repo(latents.tensor.shape[1]))
         if src in PRESETS:  # a preset's width is known without building it
             PRESETS[src][0].check(None, tuple(latents.tensor.shape), str(latents.path), preset_channels(src))
             check_for_vae(latents, preset_channels(src))
@@ -144,15 +146,19 @@ class Session:
         outputs = output_paths(output, b)
         for o in outputs:  # container, codec and pixel format, before the VAE is loaded (sizes come after)
             plan_encode(o, width=16, height=16, fps=fps, options=encode)
+        audio = probe_audio(encode.audio) if encode.audio else None
         if options.fast:
             self.reporter.log("note: --fast is the default on GPUs now (vaepipe's engine); the flag changes nothing")
-        vae = self.vae(src, dtype, device)
+        if vae is None:
+            vae = self.vae(src, dtype, device)
         if vae.family.unsupported:
             raise BadInput(f"vaepipe cannot decode with {type(vae.model).__name__}: {vae.family.unsupported}")
         vae.family.check(vae.model, tuple(latents.tensor.shape), str(latents.path), vae.z_dim)
         check_for_vae(latents, vae.z_dim)
         scale = vae.family.spatial_factor(vae.model)
         plans = [plan_encode(o, width=w * scale, height=h * scale, fps=fps, options=encode) for o in outputs]
+        plans = with_mux(plans, encode, audio=audio, recorded=latents.metadata,
+                         frames=vae.family.num_frames(vae.model, latents.tensor.shape[2]))
         if plans[0].pad_right or plans[0].pad_bottom:
             self.reporter.log(f"frames are {w * scale}x{h * scale}: padding to even sizes for {plans[0].pix_fmt}"
                               " by repeating the last column/row (not rescaled)")
@@ -171,7 +177,8 @@ class Session:
         for b, plan in enumerate(job.plans):
             with torch.inference_mode():  # not held across the yield: the caller's code runs there
                 z, kwargs = vae.family.prepare(vae.model, job.latents.tensor[b : b + 1],
-                                               denormalize=options.denormalize, settings=settings)
+                                               denormalize=options.denormalize and not job.latents.raw,
+                                               settings=settings)
             streamed = self.stream_sample(vae, z, plan, options, progress=self.reporter.lanes(frames), jitter=jitter,
                                           decode_kwargs=kwargs)
             del z, kwargs
@@ -293,6 +300,7 @@ def summarize(job: Job, plan: EncodePlan, stats: LaneStats, size: int) -> dict:
         "output": str(plan.dest), "bytes": size, "frames": stats.frames, "width": plan.width,
         "height": plan.height, "fps": plan.fps, "codec": plan.codec, "pix_fmt": plan.pix_fmt,
         "vae": job.vae.source, "dtype": str(job.vae.dtype).removeprefix("torch."), "device": str(job.vae.device),
+        "audio": str(plan.mux.audio.path) if plan.mux.audio else None, "tags": [k for k, _ in plan.mux.tags],
         "mode": "sync" if job.options.sync else "pipelined", "exact": job.options.exact,
         "decoder": stats.engine or {"name": "diffusers"}, "buffers": 1 if job.options.sync else job.options.buffers,
         "wall_s": round(stats.wall_s, 4), "busy_s": {k: round(v, 4) for k, v in stats.busy_s.items()},

@@ -1,0 +1,213 @@
+"""Muxing: what goes into the video file beside the frames — a soundtrack and the tags that say what made it.
+
+Planned once per output before any GPU work (a bad audio file is bad input, and nothing is written); encode.py puts
+`Mux.input_args` and `Mux.output_args` into the one ffmpeg command that writes the file.
+
+Tags: the video's `title` is the prompt; its `comment` is one JSON object of everything else that made it (seed,
+model, steps, a ComfyUI workflow…), so every container keeps all of it (MP4 stores only a fixed set of tag names) and
+tools read it back as JSON (VideoHelperSuite writes ComfyUI workflows the same way). Standard tag names given with
+--metadata (title, comment, artist, date…) are written as they are.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import subprocess
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import BadInput
+
+if TYPE_CHECKING:
+    from .encode import EncodeOptions, EncodePlan
+
+# Audio codecs each container takes as they are (stream copy); anything else is encoded: AAC into MP4/MOV, Opus into
+# WebM, FLAC into Matroska. Kept to what common players read, not to all that ffmpeg would mux.
+_COPY = {
+    ".mp4": {"aac", "mp3", "alac", "ac3", "eac3", "opus"},
+    ".mov": {"aac", "mp3", "alac", "ac3", "eac3", "pcm_s16le", "pcm_s16be", "pcm_s24le", "pcm_s24be", "pcm_f32le"},
+    ".mkv": {"aac", "mp3", "alac", "ac3", "eac3", "opus", "vorbis", "flac", "dts", "truehd", "pcm_s16le", "pcm_s24le",
+             "pcm_s32le", "pcm_f32le"},
+    ".webm": {"opus", "vorbis"},
+}
+_ENCODE = {".mp4": ["-c:a", "aac", "-b:a", "192k"], ".mov": ["-c:a", "aac", "-b:a", "192k"],
+           ".webm": ["-c:a", "libopus", "-b:a", "160k"], ".mkv": ["-c:a", "flac"]}
+
+# Tag names ffmpeg's MP4/MOV muxer stores under their own name (others it drops without a word); written as given.
+STANDARD_TAGS = ("title", "comment", "description", "synopsis", "artist", "album_artist", "album", "composer",
+                 "genre", "date", "copyright", "keywords", "grouping", "show", "episode_id", "network", "lyrics")
+_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass(frozen=True, slots=True)
+class Audio:
+    path: Path
+    codec: str
+    """ffmpeg's name of its first audio stream's codec (aac, mp3, opus, pcm_s16le…)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Mux:
+    """Everything besides the frames that goes into one output."""
+
+    audio: Audio | None = None
+    audio_args: tuple[str, ...] = ()
+    """`-c:a copy` or an encoder and its bitrate."""
+    audio_seconds: float | None = None
+    """Cut the soundtrack to this length (the video's); None keeps all of it."""
+    tags: tuple[tuple[str, str], ...] = ()
+    strip: bool = False
+    """Write no tags at all (--no-metadata), not even those ffmpeg would copy from the audio file."""
+
+    def input_args(self, tags_file: Path | None) -> list[str]:
+        """ffmpeg inputs after the frames (input 0): the soundtrack, then the tags file that `write_tags` made."""
+        args = []
+        if self.audio is not None:
+            if self.audio_seconds is not None:
+                args += ["-t", f"{self.audio_seconds:.6f}"]  # an input option: the audio is read only this far
+            args += ["-i", str(self.audio.path)]
+        if tags_file is not None:
+            args += ["-f", "ffmetadata", "-i", str(tags_file)]
+        return args
+
+    def output_args(self, tags_file: Path | None) -> list[str]:
+        if self.audio is None:
+            args = ["-an"]
+        else:
+            args = ["-map", "0:v:0", "-map", "1:a:0", *self.audio_args]
+            if self.audio_args[1] != "copy":
+                args += ["-flags:a", "+bitexact"]  # same frames and sound, same bytes
+        if tags_file is not None:
+            args += ["-map_metadata", "2" if self.audio is not None else "1"]
+        elif self.strip or self.audio is not None:
+            args += ["-map_metadata", "-1"]  # the soundtrack's own tags (an album's title…) are not this video's
+        return args
+
+    def write_tags(self, path: Path) -> Path | None:
+        """Write the tags as an ffmetadata file at `path` (a file, not arguments: a ComfyUI workflow can be larger
+        than one command-line argument may be); None when there are none."""
+        if not self.tags:
+            return None
+        lines = [";FFMETADATA1"] + [f"{_escape(k)}={_escape(v)}" for k, v in self.tags]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return path
+
+
+def _escape(text: str) -> str:
+    return re.sub(r"([=;#\\\n])", r"\\\1", text)
+
+
+def check_metadata(metadata: dict) -> None:
+    """Tag names and values as --metadata and the API take them; raise BadInput naming the first bad one."""
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
+            raise BadInput(f"metadata key {key!r} is not a tag name: use letters, digits, '_', '.' and '-' (at most"
+                           " 64), such as prompt or seed")
+        scalars = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, str | int | float | bool) for v in scalars):
+            raise BadInput(f"metadata {key} must be text, a number, or a list of them (one per sample of a batch),"
+                           f" got a {type(value).__name__}")
+
+
+def parse_metadata(pairs: list[str]) -> dict[str, str]:
+    """Repeated --metadata KEY=VALUE into a dict (a later KEY wins)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise BadInput(f"--metadata takes KEY=VALUE, such as --metadata seed=42, got {pair!r}")
+        out[key.strip()] = value
+    check_metadata(out)
+    return out
+
+
+def container_tags(recorded: dict, given: dict) -> tuple[tuple[str, str], ...]:
+    """The tags of one output: what the latents recorded, then what was given (which wins, key by key)."""
+    merged = {**recorded, **given}
+    tags = {k: _text(v) for k, v in merged.items() if k in STANDARD_TAGS}
+    record = {k: v for k, v in merged.items() if k not in STANDARD_TAGS}
+    prompt = record.get("prompt")
+    if "title" not in tags and isinstance(prompt, str) and prompt.strip():
+        tags["title"] = prompt
+    if record and "comment" not in tags:
+        tags["comment"] = json.dumps(record, ensure_ascii=False)
+    return tuple(tags.items())
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def for_sample(metadata: dict, b: int, batch: int) -> dict:
+    """Sample b's share of metadata given for a batch: a list with one value per sample gives sample b's."""
+    if batch == 1:
+        return metadata
+    return {k: v[b] if isinstance(v, list) and len(v) == batch else v for k, v in metadata.items()}
+
+
+def with_mux(plans: list[EncodePlan], encode: EncodeOptions, *, audio: Audio | None, recorded: dict,
+             frames: int) -> list[EncodePlan]:
+    """`plans` (one per sample of a batch) with their Mux: the soundtrack, cut to `frames` at the plans' fps, and
+    each sample's tags from what its latents recorded and what `encode` gives."""
+    out = []
+    for b, plan in enumerate(plans):
+        seconds = frames / float(f"{plan.fps:g}")  # at the rate ffmpeg is given (encode.py writes it with :g)
+        mux = plan_mux(plan.dest.suffix.lower(), audio=audio, cut_audio=encode.cut_audio, seconds=seconds,
+                       recorded=for_sample(recorded, b, len(plans)),
+                       given=for_sample(encode.metadata or {}, b, len(plans)), no_metadata=encode.no_metadata)
+        out.append(replace(plan, mux=mux))
+    return out
+
+
+def plan_mux(suffix: str, *, audio: Audio | None, cut_audio: bool, seconds: float, recorded: dict,
+             given: dict | None, no_metadata: bool) -> Mux:
+    """The Mux of one output of container `suffix` (.mp4…, .png for a frame sequence), `seconds` long."""
+    if suffix == ".png":
+        if audio is not None:
+            raise BadInput("a PNG sequence cannot carry a soundtrack: write a video file (.mp4, .mkv, .mov or .webm)"
+                           " to add --audio")
+        if given:
+            raise BadInput("a PNG sequence has no tags to write --metadata into: write a video file, or drop"
+                           " --metadata")
+        return Mux()
+    audio_args: tuple[str, ...] = ()
+    if audio is not None:
+        audio_args = ("-c:a", "copy") if audio.codec in _COPY[suffix] else tuple(_ENCODE[suffix])
+    tags = () if no_metadata else container_tags(recorded, given or {})
+    return Mux(audio=audio, audio_args=audio_args, audio_seconds=seconds if cut_audio else None, tags=tags,
+               strip=no_metadata)
+
+
+def probe_audio(path: str | os.PathLike) -> Audio:
+    """Check that `path` holds a soundtrack ffmpeg can read; raise BadInput if not."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"audio file {str(path)!r} does not exist" if not path.exists() else
+                       f"audio {str(path)!r} is not a file: pass a sound file (.wav, .mp3, .m4a, .flac, .opus…)")
+    stat = path.stat()
+    return _probe(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _probe(path: Path, size: int, mtime_ns: int) -> Audio:  # size and mtime: a changed file is probed again
+    from .encode import ffmpeg_exe
+
+    try:
+        run = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)], capture_output=True,
+                             text=True, errors="replace", timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise BadInput(f"could not read audio {str(path)!r}: {e}") from None
+    # Without an output, ffmpeg describes the input and exits 1; the stream lines say what is there.
+    streams = re.findall(r"Stream #\d+:\d+.*?: Audio: ([A-Za-z0-9_]+)", run.stderr)
+    if streams:
+        return Audio(path=path, codec=streams[0])
+    lines = [line.strip() for line in run.stderr.splitlines() if line.strip()]
+    if any(": Video: " in line for line in lines):
+        raise BadInput(f"{str(path)!r} holds no audio stream: pass a sound file, or a video whose soundtrack you want")
+    why = next((line for line in lines if str(path) in line or "Invalid data" in line), lines[-1] if lines else "")
+    raise BadInput(f"could not read audio from {str(path)!r} ({why.split(': ')[-1] or 'ffmpeg found no streams'}):"
+                   " pass a sound file ffmpeg reads (.wav, .mp3, .m4a, .flac, .opus…)")
