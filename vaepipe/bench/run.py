@@ -1,0 +1,78 @@
+"""The benchmark run: load the VAE once, then per shape prepare the jobs, time them and write the report."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+from .. import __version__
+from ..encode import ffmpeg_exe
+from ..errors import BadInput
+from ..latents import synthetic_latents
+from ..pipeline import LANES
+from ..progress import Reporter
+from ..runner import DEFAULT_FPS, DecodeOptions, Session
+from ..vae import DTYPES
+from .measure import time_case
+from .modes import NAIVE_ENCODER, NAIVE_STAGES, prepare_case
+from .options import BenchOptions, Shape
+from .plot import chrome_trace, plot_timeline
+from .report import environment, markdown, memory_check, shape_result
+
+
+def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
+    """Run the benchmark, write bench.json and bench.md (plus traces and plots when asked) under `options.out`,
+    and return the report that bench.json holds."""
+    decode_options = DecodeOptions(vae=options.vae, dtype=options.dtype, device=options.device,
+                                   chunk=options.chunk, buffers=options.buffers, fast=options.fast)
+    device = decode_options.torch_device()
+    dtype = decode_options.torch_dtype(device)
+    dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
+    ffmpeg_exe()  # fail now, not after the warm-up, when there is no ffmpeg
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # One session per vaepipe mode, so each keeps its own lane buffers across runs (sync uses one slot).
+    sessions = {"sync": Session(reporter), "pipelined": Session(reporter)}
+    vae = sessions["pipelined"].vae(options.vae, dtype, device)
+    naive_vae = vae
+    if not vae.is_wan:
+        raise BadInput(f"bench times Wan VAEs (AutoencoderKLWan); {options.vae} is a {type(vae.model).__name__}")
+    report = {
+        "vaepipe": __version__, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": options.command(dtype_name), "environment": environment(device),
+        "settings": {"vae": vae.source, "dtype": dtype_name, "device": str(device), "runs": options.runs,
+                     "warmup_runs": 1, "modes": list(options.modes), "chunk": options.chunk,
+                     "buffers": options.buffers, "fast": options.fast, "fps": DEFAULT_FPS,
+                     "latents": "N(0, 1), seed 0, denormalised",
+                     "encoder": f"libx264 CRF {options.crf} {options.preset} yuv420p (BT.709)",
+                     "naive_encoder": NAIVE_ENCODER, "profiled": options.profile and device.type == "cuda"},
+        "load_s": round(sessions["pipelined"].load_s, 3), "results": [],
+    }
+    reporter.log(f"model load {report['load_s']:.2f} s; timing {', '.join(options.modes)} on {device}"
+                 f" ({report['environment']['device']}), {options.runs} timed run(s) after one warm-up")
+    # All latents first: a shape that does not fit the VAE fails now, not after minutes of timing.
+    latents = {text: synthetic_latents(text, channels=vae.z_dim, seed=0) for text in options.shapes}
+    for text in options.shapes:
+        case = prepare_case(Shape.parse(text), latents[text], vae, naive_vae, sessions, decode_options, options, out)
+        time_case(case, options, device, reporter)
+        result = shape_result(case, vae, options)
+        report["results"].append(result)
+        if options.trace:
+            for mode in options.modes:
+                path = out / f"trace-{case.shape.label}-{mode}.json"
+                lanes = NAIVE_STAGES if mode == "naive" else LANES
+                title = f"vaepipe bench {mode} {case.shape.label}"
+                path.write_text(json.dumps(chrome_trace(case.samples[mode][-1].spans, lanes, title=title)))
+                result["modes"][mode]["trace"] = path.name
+        if options.plot:
+            path = out / f"timeline-{case.shape.label}.png"
+            plot_timeline({m: case.samples[m][-1] for m in options.modes}, path, title=f"{case.shape.label},"
+                          f" {dtype_name}, {report['environment']['device']}")
+            result["timeline"] = path.name
+    report["memory"] = memory_check(report["results"])
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "bench.md").write_text(markdown(report))
+    return report
+
+
