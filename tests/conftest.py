@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +70,13 @@ def latents_file(tmp_path) -> Path:
     path = tmp_path / "lat.pt"
     write_latents(path, (16, 3, 3, 5), fps=12.0)
     return path
+
+
+def frame_times(path: Path) -> list[tuple[Fraction, bool]]:
+    """Each decoded frame's presentation time (exact, from its pts and the stream's time base) and whether it is a
+    keyframe, as ffmpeg itself reads the file."""
+    log = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path), "-vf", "showinfo", "-f", "null", "-"],
+                         capture_output=True, text=True).stderr
+    base = Fraction(re.search(r"config in time_base: (\d+/\d+)", log).group(1))
+    return [(int(m.group(1)) * base, m.group(2) == "1")
+            for m in re.finditer(r"\bn:\s*\d+ pts:\s*(-?\d+) .*? iskey:(\d)", log)]

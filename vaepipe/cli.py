@@ -66,6 +66,9 @@ Crf = Annotated[int, typer.Option(help="Constant-quality level (lower is better)
 Preset = Annotated[str, typer.Option(help="Encoder speed preset, in x264's names.")]
 PixFmt = Annotated[str | None, typer.Option("--pix-fmt", help="yuv420p, yuv420p10le, yuv444p, yuv422p10le, "
                                                                "yuv444p10le or rgb24 (default: the codec's first).")]
+Encoders = Annotated[str | None, typer.Option(help="Concurrent encoders for one output: N or auto (segments of a "
+                                                  "clip encoded at once, joined losslessly; auto: only for slow "
+                                                  "codecs such as h265/av1/vp9, on long clips, with cores to spare).")]
 Pad = Annotated[bool, typer.Option("--pad/--no-pad", help="Pad odd sizes by edge replication for 4:2:0/4:2:2.")]
 Denorm = Annotated[bool, typer.Option("--denormalize/--no-denormalize",
                                       help="Undo the pipeline's latent normalisation (off for raw latents).")]
@@ -85,15 +88,16 @@ def decode(
                                                "(frames/%05d.png). A batch of B writes out_0.mp4 … out_{B-1}.mp4.")],
     vae: Vae = None, dtype: Dtype = None, device: Device = None, chunk: Chunk = None, buffers: Buffers = 2,
     sync: Sync = False, fps: Fps = None, codec: Codec = None, crf: Crf = 18, preset: Preset = "medium",
-    pix_fmt: PixFmt = None, pad: Pad = True, denormalize: Denorm = True, exact: Exact = False, fast: Fast = False,
-    json_out: Json = False, quiet: Quiet = False,
+    pix_fmt: PixFmt = None, pad: Pad = True, encoders: Encoders = "auto", denormalize: Denorm = True,
+    exact: Exact = False, fast: Fast = False, json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Decode one latents file into a video through the three-lane pipeline."""
     reporter = Reporter(quiet=quiet, as_json=json_out)
     try:
         options = DecodeOptions(vae=vae, dtype=dtype, device=device, chunk=chunk, buffers=buffers, sync=sync,
                                 denormalize=denormalize, exact=exact, fast=fast)
-        encode = EncodeOptions(codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, fps=fps, pad=pad)
+        encode = EncodeOptions(codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, fps=fps, pad=pad,
+                               encoders=encoders)
         with reporter:
             session = Session(reporter)
             job = session.prepare(latents, output, options, encode)
@@ -118,8 +122,8 @@ def batch(
                                                        "CONFIG_STEM.manifest.jsonl beside the config.")] = None,
     vae: Vae = None, dtype: Dtype = None, device: Device = None, chunk: Chunk = None, buffers: Buffers = None,
     sync: Sync = None, fps: Fps = None, codec: Codec = None, crf: Crf = None, preset: Preset = None,
-    pix_fmt: PixFmt = None, pad: Pad = None, denormalize: Denorm = None, exact: Exact = None, fast: Fast = None,
-    json_out: Json = False, quiet: Quiet = False,
+    pix_fmt: PixFmt = None, pad: Pad = None, encoders: Encoders = None, denormalize: Denorm = None,
+    exact: Exact = None, fast: Fast = None, json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Decode many latents files as one batch: GPU kept busy, bad jobs skipped, resumable, sharded by torchrun.
 
@@ -129,6 +133,7 @@ def batch(
 
     given = {"vae": vae, "dtype": dtype, "device": device, "chunk": chunk, "buffers": buffers, "sync": sync,
              "fps": fps, "codec": codec, "crf": crf, "preset": preset, "pix_fmt": pix_fmt, "pad": pad,
+             "encoders": int(encoders) if encoders and encoders.isdigit() else encoders,
              "denormalize": denormalize, "exact": exact, "fast": fast}
     overrides = {k: v for k, v in given.items() if v is not None}
     reporter = Reporter(quiet=quiet, as_json=json_out)

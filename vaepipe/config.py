@@ -37,10 +37,12 @@ from .runner import DecodeOptions
 # exactly the fields of DecodeOptions and EncodeOptions, so a new option cannot be forgotten here.
 DECODE_KEYS = {"vae": str, "dtype": str, "device": str, "chunk": int, "buffers": int, "sync": bool,
                "denormalize": bool, "exact": bool, "fast": bool}
-ENCODE_KEYS = {"codec": str, "crf": int, "preset": str, "pix_fmt": str, "fps": float, "pad": bool}
+ENCODE_KEYS = {"codec": str, "crf": int, "preset": str, "pix_fmt": str, "fps": float, "pad": bool,
+               "encoders": int | str}
 OPTION_KEYS = DECODE_KEYS | ENCODE_KEYS
 PATH_KEYS = ("latents", "output", "inputs", "output_dir", "suffix")
-_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", float: "a number"}
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", float: "a number",
+               int | str: 'a number or "auto"'}
 
 
 @dataclass(kw_only=True, slots=True)

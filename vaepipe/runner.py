@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from .errors import BadInput, VaepipeError
 from .latents import Latents, check_for_vae, denormalize, read_latents
 from .pipeline import Buffers, Jitter, LaneStats, Progress, run_lanes
 from .progress import Reporter
+from .segments import SegmentedEncoder, segment_lengths
 from .vae import DEFAULT_REPOS, DTYPES, PRESETS, LoadedVae, load_vae
 
 DEFAULT_FPS = 16.0
@@ -172,8 +173,10 @@ class Session:
         return self.stream_sample(vae, z, plan, options, progress=progress, jitter=jitter).finish()
 
     def stream_sample(self, vae: LoadedVae, z: torch.Tensor, plan: EncodePlan, options: DecodeOptions, *,
-                      progress: Progress | None = None, jitter: Jitter | None = None) -> Streamed:
-        """`decode_sample` up to the point where every frame is in the encoder; the caller finishes or aborts."""
+                      progress: Progress | None = None, jitter: Jitter | None = None,
+                      open_encoder: OpenEncoder | None = None) -> Streamed:
+        """`decode_sample` up to the point where every frame is in the encoder; the caller finishes or aborts.
+        `open_encoder(plan, frames)` replaces the encoder (bench: natural frames, or none to time decoding alone)."""
         t = time.perf_counter()
         engine = self.engine(vae, options)
         if engine:  # one piece per step: the engine's call of several latent frames
@@ -182,7 +185,7 @@ class Session:
         else:
             pieces, step = decode_stream(vae.model, z), options.chunk or 1
             frames_per_chunk = step * vae.temporal_factor
-        encoder = Encoder(plan)
+        encoder = (open_encoder or _open_encoder)(plan, 1 + vae.temporal_factor * (z.shape[2] - 1))
         try:
             with torch.inference_mode():
                 stats = run_lanes(_checked_pieces(pieces, plan), encoder, device=vae.device,
@@ -225,12 +228,22 @@ class Session:
         return self._engines[key]
 
 
+def _open_encoder(plan: EncodePlan, frames: int) -> Encoder | SegmentedEncoder:
+    """One ffmpeg, or one per segment where --encoders and the clip call for it (segments.py)."""
+    lengths = segment_lengths(plan, frames)
+    return Encoder(plan) if len(lengths) == 1 else SegmentedEncoder(plan, lengths)
+
+
+OpenEncoder = Callable[[EncodePlan, int], "Encoder | SegmentedEncoder"]
+"""Makes the encode lane's sink for a plan and a frame count: write(frames), finish(), abort(), output_bytes()."""
+
+
 @dataclass(slots=True)
 class Streamed:
     """One sample whose frames are all in its encoder: `finish()` publishes the file, `abort()` drops it."""
 
     plan: EncodePlan
-    encoder: Encoder
+    encoder: Encoder | SegmentedEncoder
     stats: LaneStats
     started: float
 
@@ -239,6 +252,7 @@ class Streamed:
         t = time.perf_counter()
         self.encoder.finish()
         self.stats.drain_s = time.perf_counter() - t
+        self.stats.encoders = getattr(self.encoder, "encoders", 1)
         self.stats.wall_s = time.perf_counter() - self.started  # from encoder start to the file in place
         return self.stats, self.encoder.output_bytes()
 
@@ -270,6 +284,6 @@ def summarize(job: Job, plan: EncodePlan, stats: LaneStats, size: int) -> dict:
         "mode": "sync" if job.options.sync else "pipelined", "exact": job.options.exact,
         "decoder": stats.engine or {"name": "diffusers"}, "buffers": 1 if job.options.sync else job.options.buffers,
         "wall_s": round(stats.wall_s, 4), "busy_s": {k: round(v, 4) for k, v in stats.busy_s.items()},
-        "encoder_drain_s": round(stats.drain_s, 4),
+        "encoder_drain_s": round(stats.drain_s, 4), "encoders": stats.encoders,
         "decode_utilization": round(stats.decode_utilization, 4), "vaepipe": __version__,
     }
