@@ -283,7 +283,11 @@ def bench(
     dtype: Dtype = None, device: Device = None,
     runs: Annotated[int, typer.Option(help="Timed runs per mode and shape, after one warm-up.")] = 5,
     modes: Annotated[str, typer.Option(help="Comma-separated: naive (diffusers as users call it), sync, "
-                                            "pipelined.")] = "naive,sync,pipelined",
+                                            "pipelined; decode or encode time one lane alone.")]
+    = "naive,sync,pipelined",
+    content: Annotated[str, typer.Option(help="What the encoders are given: natural (a pan over photographs, as a "
+                                              "trained VAE's clip), noise (what random weights decode to) or "
+                                              "both.")] = "natural",
     chunk: Chunk = 1, buffers: Buffers = 2,
     out: Annotated[Path, typer.Option(help="Folder for bench.json, bench.md, videos, traces and plots.")]
     = Path("bench"),
@@ -294,6 +298,10 @@ def bench(
     profile: Annotated[bool, typer.Option("--profile/--no-profile", help="One extra profiled run per mode for "
                                                                          "GPU kernel utilization (CUDA).")] = True,
     crf: Crf = 18, preset: Preset = "medium", fast: Fast = False,
+    codec: Annotated[str, typer.Option(help=f"{', '.join(c for c in CODECS if c != 'png')} for every mode but "
+                                            "naive.")] = "h264",
+    encoders: Annotated[str, typer.Option(help="Comma-separated --encoders values to compare, such as 1,auto; "
+                                               "each its own table.")] = "auto",
     quiet: Quiet = False,
 ) -> None:
     """Time naive diffusers, sync and pipelined decoding to video on the same latents, in one process."""
@@ -305,7 +313,9 @@ def bench(
                                dtype=dtype, device=device, runs=runs,
                                modes=tuple(m.strip() for m in modes.split(",") if m.strip()), chunk=chunk,
                                buffers=buffers, out=out, trace=trace, plot=plot, profile=profile, crf=crf,
-                               preset=preset, fast=fast)
+                               preset=preset, fast=fast, codec=codec,
+                               content=("natural", "noise") if content == "both" else (content,),
+                               encoders=tuple(e.strip() for e in encoders.split(",") if e.strip()))
         report = run_bench(options, reporter)
     except (VaepipeError, KeyboardInterrupt) as e:
         raise fail(e, reporter) from None

@@ -174,9 +174,9 @@ class Session:
 
     def stream_sample(self, vae: LoadedVae, z: torch.Tensor, plan: EncodePlan, options: DecodeOptions, *,
                       progress: Progress | None = None, jitter: Jitter | None = None,
-                      open_encoder: OpenEncoder | None = None) -> Streamed:
+                      encoder_for: OpenEncoder | None = None) -> Streamed:
         """`decode_sample` up to the point where every frame is in the encoder; the caller finishes or aborts.
-        `open_encoder(plan, frames)` replaces the encoder (bench: natural frames, or none to time decoding alone)."""
+        `encoder_for(plan, frames)` replaces the encoder (bench: natural frames, or none to time decoding alone)."""
         t = time.perf_counter()
         engine = self.engine(vae, options)
         if engine:  # one piece per step: the engine's call of several latent frames
@@ -185,7 +185,7 @@ class Session:
         else:
             pieces, step = decode_stream(vae.model, z), options.chunk or 1
             frames_per_chunk = step * vae.temporal_factor
-        encoder = (open_encoder or _open_encoder)(plan, 1 + vae.temporal_factor * (z.shape[2] - 1))
+        encoder = (encoder_for or open_encoder)(plan, 1 + vae.temporal_factor * (z.shape[2] - 1))
         try:
             with torch.inference_mode():
                 stats = run_lanes(_checked_pieces(pieces, plan), encoder, device=vae.device,
@@ -228,7 +228,7 @@ class Session:
         return self._engines[key]
 
 
-def _open_encoder(plan: EncodePlan, frames: int) -> Encoder | SegmentedEncoder:
+def open_encoder(plan: EncodePlan, frames: int) -> Encoder | SegmentedEncoder:
     """One ffmpeg, or one per segment where --encoders and the clip call for it (segments.py)."""
     lengths = segment_lengths(plan, frames)
     return Encoder(plan) if len(lengths) == 1 else SegmentedEncoder(plan, lengths)

@@ -31,13 +31,17 @@ class Sample:
     """(lane, what, start, end): one span per chunk and lane ("chunk 3"), seconds since the job started."""
     peak_bytes: int | None = None
     reserved_bytes: int | None = None
+    encoders: int = 1
+    """Concurrent encoders the job's output was encoded with (segments)."""
 
 
 @dataclass(kw_only=True, slots=True)
 class Case:
-    """One shape: the latents all modes decode, and one job function per mode."""
+    """One table: a shape, what the encoder is given and the --encoders value; one job function per mode."""
 
     shape: Shape
+    content: str
+    encoders: int | str
     latent_shape: tuple[int, ...]
     jobs: dict[str, Callable[[], Sample]]
     outputs: dict[str, Path]
@@ -46,6 +50,12 @@ class Case:
     utilization: dict[str, float | None] = field(default_factory=dict)
     utilization_kernels: dict[str, float | None] = field(default_factory=dict)
     profiled_wall_s: dict[str, float | None] = field(default_factory=dict)
+    references: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    """Per mode, the frames its encoder got (recorded in the warm-up): what its video's PSNR is measured against."""
+
+    @property
+    def label(self) -> str:
+        return f"{self.shape.label} {self.content} e{self.encoders}"
 
 
 def synchronize(device: torch.device) -> None:
@@ -66,18 +76,27 @@ def measure(job: Callable[[], Sample], device: torch.device) -> Sample:
     return sample
 
 
-def time_case(case: Case, options: BenchOptions, device: torch.device, reporter: Reporter) -> None:
-    label = case.shape.label
-    reporter.log(f"{label}: latents {list(case.latent_shape)}, warming up {', '.join(options.modes)}")
-    for mode in options.modes:
-        case.warmup_s[mode] = measure(case.jobs[mode], device).wall_s
-    reporter.log(f"{label} warm-up: " + " · ".join(f"{m} {s:.2f} s" for m, s in case.warmup_s.items()))
-    case.samples = {mode: [] for mode in options.modes}
+def time_cases(cases: list[Case], options: BenchOptions, device: torch.device, reporter: Reporter) -> None:
+    """Warm up every case's modes, then the timed runs with every (case, mode) interleaved in each run, then (CUDA)
+    one profiled run per case and mode."""
+    for case in cases:
+        reporter.log(f"{case.label}: latents {list(case.latent_shape)}, warming up {', '.join(options.modes)}")
+        for mode in options.modes:
+            case.warmup_s[mode] = measure(case.jobs[mode], device).wall_s
+        reporter.log(f"{case.label} warm-up: " + " · ".join(f"{m} {s:.2f} s" for m, s in case.warmup_s.items()))
+        case.samples = {mode: [] for mode in options.modes}
     for run in range(options.runs):
-        for mode in options.modes:  # interleaved, so drift (clocks, heat, other load) hits every mode alike
-            case.samples[mode].append(measure(case.jobs[mode], device))
-        reporter.log(f"{label} run {run + 1}/{options.runs}: "
-                     + " · ".join(f"{m} {s[-1].wall_s:.2f} s" for m, s in case.samples.items()))
+        for case in cases:  # interleaved, so drift (clocks, heat, other load) hits every mode and case alike
+            for mode in options.modes:
+                case.samples[mode].append(measure(case.jobs[mode], device))
+            reporter.log(f"{case.label} run {run + 1}/{options.runs}: "
+                         + " · ".join(f"{m} {s[-1].wall_s:.2f} s" for m, s in case.samples.items()))
+    for case in cases:
+        _profile(case, options, device, reporter)
+
+
+def _profile(case: Case, options: BenchOptions, device: torch.device, reporter: Reporter) -> None:
+    label = case.label
     if options.profile and device.type == "cuda":
         reporter.log(f"{label}: one profiled run per mode for GPU kernel utilization")
     for mode in options.modes:

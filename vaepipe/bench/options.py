@@ -6,11 +6,12 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..encode import EncodeOptions, plan_encode
+from ..encode import CODECS, EncodeOptions, plan_encode
 from ..errors import BadInput
 from ..latents import parse_size
 from ..runner import DEFAULT_FPS, DecodeOptions
-from .modes import MODES
+from .content import CONTENTS, photograph_folder
+from .modes import DEFAULT_MODES, MODES
 
 DEFAULT_SHAPES = ("480x832x81", "720x1280x81")
 
@@ -27,8 +28,15 @@ class BenchOptions:
     """cuda, cuda:N or cpu; None: cuda when there is one."""
     runs: int = 5
     """Timed runs per mode and shape, after one warm-up."""
-    modes: tuple[str, ...] = MODES
-    """Which of naive, sync, pipelined to run."""
+    modes: tuple[str, ...] = DEFAULT_MODES
+    """Which of MODES to run (default naive, sync, pipelined; decode and encode time one lane alone)."""
+    content: tuple[str, ...] = ("natural",)
+    """What the encoder is given: natural frames (a pan over photographs, what a trained VAE's clip looks like to
+    an encoder) or noise (what random weights decode to); both side by side."""
+    codec: str = "h264"
+    """The encoder for every mode but naive (which is diffusers' export_to_video)."""
+    encoders: tuple[int | str, ...] = ("auto",)
+    """--encoders values to compare (e.g. 1 and auto), each its own table."""
     chunk: int = 1
     """Latent frames per pipeline step (sync and pipelined)."""
     buffers: int = 2
@@ -50,7 +58,14 @@ class BenchOptions:
 
     @property
     def encode(self) -> EncodeOptions:
-        return EncodeOptions(codec="h264", crf=self.crf, preset=self.preset)
+        return self.encode_with(self.encoders[0])
+
+    def encode_with(self, encoders: int | str) -> EncodeOptions:
+        return EncodeOptions(codec=self.codec, crf=self.crf, preset=self.preset, encoders=encoders)
+
+    @property
+    def suffix(self) -> str:
+        return {"prores": ".mov", "ffv1": ".mkv"}.get(self.codec, ".mp4")
 
     def __post_init__(self) -> None:
         if not 1 <= self.runs <= 100:
@@ -62,8 +77,18 @@ class BenchOptions:
             raise BadInput(f"shapes must be distinct HEIGHTxWIDTHxFRAMES values, got {','.join(self.shapes)!r}")
         for shape in self.shapes:
             Shape.parse(shape)
+        if not self.content or any(c not in CONTENTS for c in self.content) or len(set(self.content)) < len(
+                self.content):
+            raise BadInput(f"content must be natural, noise or both, got {','.join(self.content)!r}")
+        if "natural" in self.content:
+            photograph_folder()
+        if self.codec == "png" or self.codec not in CODECS:
+            raise BadInput(f"codec must be one of {', '.join(c for c in CODECS if c != 'png')}, got {self.codec!r}")
+        if not self.encoders or len(set(self.encoders)) < len(self.encoders):
+            raise BadInput(f"encoders must be distinct values, got {','.join(map(str, self.encoders))!r}")
+        self.encoders = tuple(self.encode_with(e).encoders for e in self.encoders)
         DecodeOptions(vae=self.vae, dtype=self.dtype, device=self.device, chunk=self.chunk, buffers=self.buffers)
-        plan_encode("check.mp4", width=16, height=16, fps=DEFAULT_FPS, options=self.encode)
+        plan_encode(f"check{self.suffix}", width=16, height=16, fps=DEFAULT_FPS, options=self.encode)
         if "naive" in self.modes and importlib.util.find_spec("imageio") is None:
             raise BadInput("mode naive runs diffusers' export_to_video, which needs imageio: pip install imageio"
                            " (or 'vaepipe[naive]'), or leave naive out of --modes")
@@ -82,6 +107,11 @@ class BenchOptions:
             parts.append(f"--buffers {self.buffers}")
         if (self.crf, self.preset) != (18, "medium"):
             parts.append(f"--crf {self.crf} --preset {self.preset}")
+        if self.codec != "h264":
+            parts.append(f"--codec {self.codec}")
+        parts.append(f"--content {'both' if len(self.content) == 2 else self.content[0]}")
+        if self.encoders != ("auto",):
+            parts.append(f"--encoders {','.join(map(str, self.encoders))}")
         if self.fast:
             parts.append("--fast")
         parts += [flag for flag, on in (("--trace", self.trace), ("--plot", self.plot),

@@ -13,14 +13,16 @@ import torch
 from ..encode import ffmpeg_exe, output_sha256
 from ..progress import Reporter
 from ..vae import LoadedVae
+from .content import psnr
 from .measure import Case
 from .modes import NAIVE_ENCODER, vaepipe_encoder
 from .options import BenchOptions
 
-TARGETS = {"wall_over_decode": 1.03, "kernel_utilization": 0.98, "memory_growth": 1.05}
+TARGETS = {"wall_over_decode": 1.03, "kernel_utilization": 0.98, "memory_growth": 1.05, "wall_minus_decode_s": 0.20,
+           "encoders_speedup": 2.0, "encoders_size": 1.05}
 
 
-def shape_result(case: Case, vae: LoadedVae, options: BenchOptions) -> dict:
+def case_result(case: Case, vae: LoadedVae, options: BenchOptions) -> dict:
     frames = 1 + vae.temporal_factor * (case.latent_shape[2] - 1)
     modes: dict[str, dict] = {}
     for mode, samples in case.samples.items():
@@ -30,7 +32,10 @@ def shape_result(case: Case, vae: LoadedVae, options: BenchOptions) -> dict:
         peaks = [s.peak_bytes for s in samples if s.peak_bytes is not None]
         reserved = [s.reserved_bytes for s in samples if s.reserved_bytes is not None]
         output = case.outputs[mode]
+        wrote = mode != "decode"  # the decode lane alone writes no video
+        reference = case.references.get(mode)
         modes[mode] = {
+            "content": case.content,
             "wall_s": {"median": round(wall, 4), "min": round(min(walls), 4), "max": round(max(walls), 4),
                        "stdev": round(statistics.stdev(walls), 4) if len(walls) > 1 else 0.0,
                        "runs": [round(w, 4) for w in walls]},
@@ -44,8 +49,14 @@ def shape_result(case: Case, vae: LoadedVae, options: BenchOptions) -> dict:
             "peak_vram_gib": round(max(peaks) / 2**30, 3) if peaks else None,
             "peak_reserved_gib": round(max(reserved) / 2**30, 3) if reserved else None,
             "fps": round(frames / wall, 2),
-            "output": str(output), "bytes": output.stat().st_size, "sha256": output_sha256(output),
-            "encoder": NAIVE_ENCODER if mode == "naive" else vaepipe_encoder(options),
+            "output": str(output) if wrote else None, "bytes": output.stat().st_size if wrote else None,
+            "sha256": output_sha256(output) if wrote else None,
+            "psnr_db": psnr(output, torch.cat(reference)) if wrote and reference else None,
+            "tail_s": round(statistics.median(s.stages_s["finish"] for s in samples), 4)
+            if "finish" in samples[0].stages_s else None,
+            "wall_minus_decode_s": round(wall - decode, 4) if decode else None,
+            "encoders": 1 if mode == "naive" else samples[-1].encoders,
+            "encoder": NAIVE_ENCODER if mode == "naive" else vaepipe_encoder(options, case.encoders),
         }
     for row in modes.values():
         for base in ("naive", "sync"):
@@ -55,7 +66,30 @@ def shape_result(case: Case, vae: LoadedVae, options: BenchOptions) -> dict:
     if "sync" in modes and "pipelined" in modes:
         modes["pipelined"]["same_file_as_sync"] = modes["pipelined"]["sha256"] == modes["sync"]["sha256"]
     return {"shape": case.shape.label, "height": case.shape.height, "width": case.shape.width, "frames": frames,
-            "latents": list(case.latent_shape), "modes": modes, "targets": targets(modes)}
+            "content": case.content, "encoders": case.encoders, "latents": list(case.latent_shape), "modes": modes,
+            "targets": targets(modes)}
+
+
+def encoder_comparisons(results: list[dict]) -> list[dict]:
+    """For each shape, content and mode run with several --encoders values: each against --encoders 1 (the one
+    encoder of today), with the issue's bounds (>= 2x faster end to end, file within 5 %)."""
+    out = []
+    for r in results:
+        if r["encoders"] == 1:
+            continue
+        base = next((b for b in results if b["encoders"] == 1 and (b["shape"], b["content"]) == (r["shape"],
+                                                                                                  r["content"])), None)
+        for mode, m in (base or {}).get("modes", {}).items() if base else ():
+            other = r["modes"].get(mode)
+            if mode in ("naive", "decode") or other is None or not m["bytes"]:
+                continue
+            speedup = round(m["wall_s"]["median"] / other["wall_s"]["median"], 3)
+            size = round(other["bytes"] / m["bytes"], 4)
+            out.append({"shape": r["shape"], "content": r["content"], "mode": mode, "encoders": r["encoders"],
+                        "segments": other["encoders"], "speedup_vs_1": speedup, "size_vs_1": size,
+                        "psnr_db": other["psnr_db"], "psnr_db_1": m["psnr_db"],
+                        "met": speedup >= TARGETS["encoders_speedup"] and size <= TARGETS["encoders_size"]})
+    return out
 
 
 def targets(modes: dict[str, dict]) -> dict | None:
@@ -65,6 +99,9 @@ def targets(modes: dict[str, dict]) -> dict | None:
         return None
     ratio, util = p["wall_over_decode"], p["kernel_utilization"]
     checks = {
+        "wall_minus_decode_s": {"value": p["wall_minus_decode_s"], "bound": f"<= {TARGETS['wall_minus_decode_s']}",
+                                "met": p["wall_minus_decode_s"] is not None
+                                and p["wall_minus_decode_s"] <= TARGETS["wall_minus_decode_s"]},
         "wall_over_decode": {"value": ratio, "bound": f"<= {TARGETS['wall_over_decode']}",
                              "met": ratio is not None and ratio <= TARGETS["wall_over_decode"]},
         "kernel_utilization": {"value": util, "bound": f">= {TARGETS['kernel_utilization']}",
@@ -88,11 +125,11 @@ def memory_check(results: list[dict]) -> list[dict]:
     by_size: dict[tuple[int, int], list[dict]] = {}
     for r in results:
         if "pipelined" in r["modes"] and r["modes"]["pipelined"]["peak_vram_gib"] is not None:
-            by_size.setdefault((r["height"], r["width"]), []).append(r)
+            by_size.setdefault((r["height"], r["width"], r.get("content"), r.get("encoders")), []).append(r)
     for group in by_size.values():
         group.sort(key=lambda r: r["frames"])
         base = group[0]["modes"]["pipelined"]["peak_vram_gib"]
-        for r in group[1:]:
+        for r in (r for r in group[1:] if r["frames"] > group[0]["frames"]):
             peak = r["modes"]["pipelined"]["peak_vram_gib"]
             checks.append({"shape": r["shape"], "against": group[0]["shape"], "peak_vram_gib": peak,
                            "base_peak_vram_gib": base, "ratio": round(peak / base, 4),
@@ -147,6 +184,11 @@ def markdown(report: dict) -> str:
              f" {env['python']}, ffmpeg {env['ffmpeg']}, {env['cpu_cores']} CPU cores",
              f"- VAE {settings['vae']}, {settings['dtype']}; latents {settings['latents']}",
              f"- sync and pipelined encode with {settings['encoder']}; naive with {settings['naive_encoder']}",
+             f"- content handed to the encoders: {', '.join(settings['content'])} (natural:"
+             f" {settings['natural_content']}; noise: {settings['noise_content']}); the decode and copy lanes run for"
+             " real either way",
+             "- PSNR: of each video, decoded by ffmpeg to RGB, against the frames its encoder was given; tail: the"
+             " encoder finishing after the last frame went in; wall − decode: what the decode lane does not hide",
              f"- {settings['runs']} timed runs per mode after one warm-up, modes interleaved in each run; model load"
              f" {report['load_s']:.2f} s (not timed)",
              "- wall = latents in device memory → video closed on disk; GPU kernel utilization (CUDA only) from one"
@@ -154,16 +196,22 @@ def markdown(report: dict) -> str:
              "- wall ÷ decode: wall time over the decode lane's busy time (naive: over its vae.decode)",
              "", "```", report["command"], "```", ""]
     for r in report["results"]:
-        lines += [f"## {r['shape']} ({r['frames']} frames from latents {r['latents']})", "",
-                  "| mode | wall s, median [min–max] | decode-lane busy s | wall ÷ decode | GPU kernel util |"
-                  " peak VRAM GiB | fps | × vs naive | × vs sync | warm-up s |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {r['shape']}, {r['content']} content, --encoders {r['encoders']} ({r['frames']} frames from"
+                  f" latents {r['latents']})", "",
+                  "| mode | content | wall s, median [min–max] | decode-lane busy s | wall − decode s | wall ÷ decode |"
+                  " tail s | GPU kernel util | peak VRAM GiB | fps | × vs naive | × vs sync | encoders | MB |"
+                  " PSNR dB | warm-up s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for mode, m in r["modes"].items():
             w = m["wall_s"]
-            lines.append(f"| {mode} | {w['median']:.3f} [{w['min']:.3f}–{w['max']:.3f}] | {m['decode_busy_s']:.3f}"
-                         f" | {_fmt(m['wall_over_decode'], '.3f')} | {_fmt(m['kernel_utilization'], '.1%')}"
+            mb = None if m["bytes"] is None else m["bytes"] / 1e6
+            lines.append(f"| {mode} | {m['content']} | {w['median']:.3f} [{w['min']:.3f}–{w['max']:.3f}]"
+                         f" | {m['decode_busy_s']:.3f} | {_fmt(m['wall_minus_decode_s'], '.3f')}"
+                         f" | {_fmt(m['wall_over_decode'], '.3f')} | {_fmt(m['tail_s'], '.3f')}"
+                         f" | {_fmt(m['kernel_utilization'], '.1%')}"
                          f" | {_fmt(m['peak_vram_gib'], '.2f')} | {m['fps']:.1f} | {_fmt(m['speedup_vs_naive'], '.2f')}"
-                         f" | {_fmt(m['speedup_vs_sync'], '.2f')} | {m['warmup_s']:.2f} |")
+                         f" | {_fmt(m['speedup_vs_sync'], '.2f')} | {m['encoders']} | {_fmt(mb, '.3f')}"
+                         f" | {_fmt(m['psnr_db'], '.2f')} | {m['warmup_s']:.2f} |")
         lines.append("")
         stages = "; ".join(f"{mode}: " + ", ".join(f"{k} {v:.3f}" for k, v in m["stages_s"].items())
                            for mode, m in r["modes"].items())
@@ -183,6 +231,15 @@ def markdown(report: dict) -> str:
             lines.append("")
         if r.get("timeline"):
             lines += [f"![timeline {r['shape']}]({r['timeline']})", ""]
+    if report.get("encoders"):
+        lines += ["## Segment-parallel encoding against one encoder (--encoders 1)", "",
+                  "| shape | content | mode | --encoders | segments | × faster | size ÷ one | PSNR dB (one) |"
+                  " ≥ 2× and ≤ 1.05 |", "|---|---|---|---|---|---|---|---|---|"]
+        for c in report["encoders"]:
+            lines.append(f"| {c['shape']} | {c['content']} | {c['mode']} | {c['encoders']} | {c['segments']}"
+                         f" | {c['speedup_vs_1']:.2f} | {c['size_vs_1']:.3f} | {_fmt(c['psnr_db'], '.2f')}"
+                         f" ({_fmt(c['psnr_db_1'], '.2f')}) | {'yes' if c['met'] else '**no**'} |")
+        lines.append("")
     if report["memory"]:
         lines += ["## Memory (pipelined peak VRAM against the shortest clip of the same size)", "",
                   "| shape | peak GiB | against | peak GiB | ratio | within 5 % |", "|---|---|---|---|---|---|"]
@@ -206,20 +263,21 @@ def print_table(report: dict, reporter: Reporter) -> None:
         return
     env, dtype = report["environment"], report["settings"]["dtype"]
     for r in report["results"]:
-        table = Table(title=f"{r['shape']}, {dtype}, {env['device']} (wall: median ± half range; util: GPU"
-                      " kernels)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-        for name in ("mode", "wall s", "±", "dec s", "w/dec", "util", "VRAM GiB", "fps", "×naive", "×sync"):
+        table = Table(title=f"{r['shape']}, {r['content']} content, --encoders {r['encoders']}, {dtype},"
+                      f" {env['device']} (wall: median ± half range; util: GPU kernels)", title_justify="left",
+                      box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for name in ("mode", "wall s", "±", "dec s", "w/dec", "util", "VRAM", "fps", "×naive", "MB", "PSNR"):
             table.add_column(name, justify="left" if name == "mode" else "right", no_wrap=True)
         for mode, m in r["modes"].items():
             w = m["wall_s"]
             table.add_row(mode, f"{w['median']:.3f}", f"±{(w['max'] - w['min']) / 2:.3f}", f"{m['decode_busy_s']:.3f}",
                           _fmt(m["wall_over_decode"], ".3f"), _fmt(m["kernel_utilization"], ".1%"),
                           _fmt(m["peak_vram_gib"], ".2f"), f"{m['fps']:.1f}", _fmt(m["speedup_vs_naive"], ".2f"),
-                          _fmt(m["speedup_vs_sync"], ".2f"))
+                          _fmt(None if m["bytes"] is None else m["bytes"] / 1e6, ".2f"), _fmt(m["psnr_db"], ".1f"))
         reporter.console.print(table)
         missed = [f"{k} {_fmt(t['value'], '.3f')} (bound {t['bound']})" for k, t in (r["targets"] or {}).items()
                   if t["met"] is False]
         if missed:
-            reporter.log(f"{r['shape']} pipelined misses: {'; '.join(missed)}")
+            reporter.log(f"{r['shape']} {r['content']} pipelined misses: {'; '.join(missed)}")
     for c in report["memory"]:
         reporter.log(f"memory: {c['shape']} peak {c['peak_vram_gib']:.3f} GiB = {c['ratio']:.3f} × {c['against']}")

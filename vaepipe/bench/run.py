@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
 from pathlib import Path
 
+import torch
+
 from .. import __version__
-from ..encode import ffmpeg_exe
+from ..encode import CODECS, ffmpeg_exe
 from ..errors import BadInput
-from ..latents import synthetic_latents
+from ..latents import denormalize, synthetic_latents
 from ..pipeline import LANES
 from ..progress import Reporter
 from ..runner import DEFAULT_FPS, DecodeOptions, Session
 from ..vae import DTYPES
-from .measure import time_case
+from .content import SOURCE, natural_frames
+from .measure import time_cases
 from .modes import NAIVE_ENCODER, NAIVE_STAGES, prepare_case
 from .options import BenchOptions, Shape
 from .plot import chrome_trace, plot_timeline
-from .report import environment, markdown, memory_check, shape_result
+from .report import case_result, encoder_comparisons, environment, markdown, memory_check
 
 
 def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
@@ -45,7 +49,10 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
                      "warmup_runs": 1, "modes": list(options.modes), "chunk": options.chunk,
                      "buffers": options.buffers, "fast": options.fast, "fps": DEFAULT_FPS,
                      "latents": "N(0, 1), seed 0, denormalised",
-                     "encoder": f"libx264 CRF {options.crf} {options.preset} yuv420p (BT.709)",
+                     "encoder": f"{CODECS[options.codec].encoder} CRF {options.crf} {options.preset} (BT.709),"
+                                f" --encoders {','.join(map(str, options.encoders))}",
+                     "content": list(options.content), "natural_content": SOURCE,
+                     "noise_content": "what the VAE decodes the N(0, 1) latents to (random weights: noise)",
                      "naive_encoder": NAIVE_ENCODER, "profiled": options.profile and device.type == "cuda"},
         "load_s": round(sessions["pipelined"].load_s, 3), "results": [],
     }
@@ -54,23 +61,38 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
     # All latents first: a shape that does not fit the VAE fails now, not after minutes of timing.
     latents = {text: synthetic_latents(text, channels=vae.z_dim, seed=0) for text in options.shapes}
     for text in options.shapes:
-        case = prepare_case(Shape.parse(text), latents[text], vae, naive_vae, sessions, decode_options, options, out)
-        time_case(case, options, device, reporter)
-        result = shape_result(case, vae, options)
-        report["results"].append(result)
-        if options.trace:
-            for mode in options.modes:
-                path = out / f"trace-{case.shape.label}-{mode}.json"
-                lanes = NAIVE_STAGES if mode == "naive" else LANES
-                title = f"vaepipe bench {mode} {case.shape.label}"
-                path.write_text(json.dumps(chrome_trace(case.samples[mode][-1].spans, lanes, title=title)))
-                result["modes"][mode]["trace"] = path.name
-        if options.plot:
-            path = out / f"timeline-{case.shape.label}.png"
-            plot_timeline({m: case.samples[m][-1] for m in options.modes}, path, title=f"{case.shape.label},"
-                          f" {dtype_name}, {report['environment']['device']}")
-            result["timeline"] = path.name
+        shape = Shape.parse(text)
+        with torch.inference_mode(False), torch.no_grad():  # a plain tensor: naive runs under no_grad, as pipelines do
+            z = denormalize(latents[text].to(vae.device, vae.dtype), vae.model.config)
+        cases = []
+        for content in options.content:
+            natural = None
+            if content == "natural":  # made once, before any timing
+                t = time.perf_counter()
+                natural = natural_frames(1 + vae.temporal_factor * (z.shape[2] - 1), shape.height + shape.height % 2,
+                                         shape.width + shape.width % 2)
+                reporter.log(f"{shape.label}: natural frames made in {time.perf_counter() - t:.1f} s (not timed)")
+            cases += [prepare_case(shape, content, e, z, vae, naive_vae, sessions, decode_options, options, out,
+                                   natural) for e in options.encoders]
+        time_cases(cases, options, device, reporter)
+        for case in cases:
+            result = case_result(case, vae, options)
+            report["results"].append(result)
+            tag = f"{case.shape.label}-{case.content}-e{case.encoders}"
+            if options.trace:
+                for mode in options.modes:
+                    path = out / f"trace-{tag}-{mode}.json"
+                    lanes = NAIVE_STAGES if mode == "naive" else LANES
+                    title = f"vaepipe bench {mode} {case.label}"
+                    path.write_text(json.dumps(chrome_trace(case.samples[mode][-1].spans, lanes, title=title)))
+                    result["modes"][mode]["trace"] = path.name
+            if options.plot:
+                path = out / f"timeline-{tag}.png"
+                plot_timeline({m: case.samples[m][-1] for m in options.modes}, path, title=f"{case.label},"
+                              f" {dtype_name}, {report['environment']['device']}")
+                result["timeline"] = path.name
     report["memory"] = memory_check(report["results"])
+    report["encoders"] = encoder_comparisons(report["results"])
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "bench.md").write_text(markdown(report))
     return report
