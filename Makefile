@@ -28,7 +28,7 @@ ifeq ($(HAS_GPU),yes)
 else
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_CPU_INDEX),--index-url $(TORCH_CPU_INDEX))
 endif
-	$(BIN)/python -m pip install -q -e '.[test,plot,naive]'
+	$(BIN)/python -m pip install -q -e '.[test,plot,naive,natural]'
 	touch $@
 
 demo: install ## Decode synthetic latents with a random-weight VAE into demo/demo.mp4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,13 @@ def make_audio(path: Path, seconds: float, *args: str) -> Path:
     subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i",
                     f"sine=frequency=440:duration={seconds}:sample_rate=48000", *args, str(path)], check=True)
     return path
+
+
+def frame_times(path: Path) -> list[tuple[Fraction, bool]]:
+    """Each decoded frame's presentation time (exact, from its pts and the stream's time base) and whether it is a
+    keyframe, as ffmpeg itself reads the file."""
+    log = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path), "-vf", "showinfo", "-f", "null", "-"],
+                         capture_output=True, text=True).stderr
+    base = Fraction(re.search(r"config in time_base: (\d+/\d+)", log).group(1))
+    return [(int(m.group(1)) * base, m.group(2) == "1")
+            for m in re.finditer(r"\bn:\s*\d+ pts:\s*(-?\d+) .*? iskey:(\d)", log)]

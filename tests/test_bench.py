@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from vaepipe.bench import MODES, Sample, busy_fraction, kernel_utilization, memory_check, profiled_utilization
+from vaepipe.bench.content import natural_frames, psnr
 from vaepipe.cli import app
 
 from conftest import read_video
@@ -23,7 +24,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("imageio") is None, rea
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     args = ["bench", "--device", "cpu", "--vae", "random:wan2.1-tiny", "--shape", SHAPE, "--runs", "2",
-            "--out", str(out), "--trace", *(["--plot"] if HAS_PLOT else [])]
+            "--out", str(out), "--trace", "--content", "both", "--modes", ",".join(MODES),
+            *(["--plot"] if HAS_PLOT else [])]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     return out, json.loads((out / "bench.json").read_text()), result.output
@@ -33,18 +35,25 @@ def test_bench_reports_every_mode_with_its_measures(bench):
     out, report, output = bench
     assert report["settings"]["dtype"] == "fp32" and report["settings"]["device"] == "cpu"
     assert report["load_s"] > 0
-    (result,) = report["results"]
+    natural, noise = report["results"]  # natural first
+    assert (natural["content"], noise["content"]) == ("natural", "noise")
+    result = natural
     assert result["shape"] == SHAPE and result["frames"] == 9 and result["latents"] == [1, 16, 3, 6, 10]
     assert list(result["modes"]) == list(MODES)
     for mode, m in result["modes"].items():
         assert len(m["wall_s"]["runs"]) == 2 and m["wall_s"]["min"] <= m["wall_s"]["median"] <= m["wall_s"]["max"]
+        assert m["content"] == "natural"
+        if mode == "encode":  # the encoder lane alone: no decode
+            assert m["decode_busy_s"] == 0 and m["wall_over_decode"] is None and m["speedup_vs_naive"] > 0
+            continue
         assert 0 < m["decode_busy_s"] < m["wall_s"]["max"], mode
         assert m["warmup_s"] > 0 and m["fps"] == pytest.approx(9 / m["wall_s"]["median"], rel=1e-2)
         assert m["kernel_utilization"] is None and m["peak_vram_gib"] is None  # no GPU: n/a, not zero
         assert m["speedup_vs_naive"] > 0 and m["speedup_vs_sync"] > 0
     assert result["modes"]["naive"]["speedup_vs_naive"] == 1.0
     assert set(result["modes"]["pipelined"]["stages_s"]) == {"decode", "copy", "encode", "finish"}
-    assert set(result["targets"]) == {"wall_over_decode", "kernel_utilization", "speedup_vs_sync", "speedup_vs_naive"}
+    assert set(result["targets"]) == {"wall_minus_decode_s", "wall_over_decode", "kernel_utilization",
+                                      "speedup_vs_sync", "speedup_vs_naive"}
     assert result["targets"]["kernel_utilization"]["met"] is None
     md = (out / "bench.md").read_text()
     assert report["command"] in md and "| pipelined |" in md and "| target (pipelined) |" in md
@@ -53,9 +62,9 @@ def test_bench_reports_every_mode_with_its_measures(bench):
 
 def test_sync_and_pipelined_write_the_same_file_and_naive_the_same_frames(bench):
     out, report, _ = bench
-    videos = {mode: out / "videos" / f"{SHAPE}-{mode}.mp4" for mode in MODES}
+    videos = {mode: out / "videos" / f"{SHAPE}-noise-eauto-{mode}.mp4" for mode in MODES}
     assert videos["sync"].read_bytes() == videos["pipelined"].read_bytes()
-    assert report["results"][0]["modes"]["pipelined"]["same_file_as_sync"] is True
+    assert report["results"][1]["modes"]["pipelined"]["same_file_as_sync"] is True
     # naive goes through export_to_video (CRF 25, BT.601, truncating to uint8): the same frames up to codec loss,
     # in the same order.
     naive, ours = (read_video(videos[m]).astype(np.int16) for m in ("naive", "pipelined"))
@@ -69,7 +78,7 @@ def test_trace_has_one_track_per_lane_and_a_span_per_chunk(bench):
     out, _, _ = bench
     for mode, lanes in {"pipelined": ("decode", "copy", "encode"), "sync": ("decode", "copy", "encode"),
                         "naive": ("decode", "postprocess", "export")}.items():
-        events = json.loads((out / f"trace-{SHAPE}-{mode}.json").read_text())["traceEvents"]
+        events = json.loads((out / f"trace-{SHAPE}-noise-eauto-{mode}.json").read_text())["traceEvents"]
         tracks = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
         assert sorted(tracks.values()) == sorted(lanes)
         spans = [e for e in events if e["ph"] == "X"]
@@ -128,7 +137,10 @@ def test_memory_check_compares_longer_clips_with_the_shortest_of_the_same_size()
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [
-    ("--modes", "naive,fast", "modes must be distinct names among naive, sync, pipelined"),
+    ("--modes", "naive,fast", "modes must be distinct names among naive, sync, pipelined, decode, encode"),
+    ("--content", "cartoon", "content must be natural, noise or both"),
+    ("--codec", "png", "codec must be one of h264"),
+    ("--encoders", "0", "encoders must be auto or a number in 1..64, got 0"),
     ("--runs", "0", "runs must be in 1..100"),
     ("--shape", "480x832", "shape must be HEIGHTxWIDTHxFRAMES"),
     ("--shape", "50x80x9", "size 50x80x9 does not fit the VAE"),
@@ -147,10 +159,64 @@ def test_bad_options_exit_2_with_the_fix(tmp_path, option, value, message):
 def test_bench_times_other_families(tmp_path, preset, shape, frames):
     out = tmp_path / "bench"
     result = runner.invoke(app, ["bench", "--device", "cpu", "--vae", preset, "--shape", shape, "--runs", "1",
-                                 "--modes", "naive,sync,pipelined", "--out", str(out)])
+                                 "--modes", "naive,sync,pipelined", "--content", "noise", "--out", str(out)])
     assert result.exit_code == 0, result.output
     (got,) = json.loads((out / "bench.json").read_text())["results"]
     assert got["frames"] == frames and list(got["modes"]) == ["naive", "sync", "pipelined"]
-    videos = {mode: out / "videos" / f"{shape}-{mode}.mp4" for mode in got["modes"]}
+    videos = {mode: out / "videos" / f"{shape}-noise-eauto-{mode}.mp4" for mode in got["modes"]}
     assert videos["sync"].read_bytes() == videos["pipelined"].read_bytes()
     assert len(read_video(videos["naive"])) == len(read_video(videos["pipelined"])) == frames  # naive pads to 16 px
+
+
+def test_natural_content_goes_to_the_encoder_while_the_lanes_decode_for_real(bench):
+    out, report, _ = bench
+    natural, noise = (r["modes"] for r in report["results"])
+    video = read_video(out / "videos" / f"{SHAPE}-natural-eauto-pipelined.mp4").astype(int)
+    made = natural_frames(9, 48, 80).numpy().astype(int)
+    noisy = read_video(out / "videos" / f"{SHAPE}-noise-eauto-pipelined.mp4").astype(int)
+    assert np.abs(video - made).mean() < 8 < 30 < np.abs(noisy - made).mean()  # the photographs' pan, up to 4:2:0
+    for mode in ("naive", "sync", "pipelined", "encode"):
+        # Each video against the frames its encoder got: natural content encodes smaller and closer.
+        assert natural[mode]["psnr_db"] > noise[mode]["psnr_db"] > 10, mode
+        assert natural[mode]["bytes"] < noise[mode]["bytes"], mode
+    assert natural["pipelined"]["psnr_db"] == natural["sync"]["psnr_db"] == natural["encode"]["psnr_db"]
+    assert natural["pipelined"]["decode_busy_s"] > 0 and natural["decode"]["bytes"] is None  # decode alone: no video
+    assert natural["pipelined"]["tail_s"] >= 0 and natural["pipelined"]["encoders"] == 1
+    md = (out / "bench.md").read_text()
+    assert md.index("natural content") < md.index("noise content") and "| PSNR dB |" in md
+
+
+def test_natural_frames_pan_smoothly_and_are_the_same_every_time():
+    a, b = natural_frames(12, 48, 80), natural_frames(12, 48, 80)
+    assert torch.equal(a, b) and a.shape == (12, 48, 80, 3) and a.dtype == torch.uint8
+    steps = [(a[t + 1].float() - a[t].float()).abs().mean().item() for t in range(11)]
+    assert min(steps) > 0 and max(steps) < 40  # it moves, a little each frame
+    assert a.float().std() > 30  # photographs, not a flat picture
+
+
+def test_psnr_of_a_video_against_its_frames(tmp_path):
+    from vaepipe.encode import EncodeOptions, Encoder, plan_encode
+
+    frames = natural_frames(5, 48, 80)
+    plan = plan_encode(tmp_path / "o.mkv", width=80, height=48, fps=16.0,
+                       options=EncodeOptions(codec="ffv1", pix_fmt="rgb24"))
+    encoder = Encoder(plan)
+    encoder.write(frames)
+    encoder.finish()
+    assert psnr(tmp_path / "o.mkv", frames) == 100.0  # lossless: identical
+    off = frames.clone()
+    off[0, 0, 0, 0] = 255 - int(off[0, 0, 0, 0])  # one value changed by d: MSE = d^2 / values
+    d = abs(255 - 2 * int(frames[0, 0, 0, 0]))
+    assert psnr(tmp_path / "o.mkv", off) == pytest.approx(10 * np.log10(255**2 / (d**2 / off.numel())), abs=1e-3)
+    assert psnr(tmp_path / "o.mkv", frames[:4]) is None  # another frame count: no number rather than a wrong one
+
+
+def test_natural_content_without_scikit_image_is_one_sentence(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "skimage" else real(name, *a))
+    result = runner.invoke(app, ["bench", "--device", "cpu", "--vae", "random:wan2.1-tiny", "--shape", "48x80x9",
+                                 "--out", str(tmp_path / "b")])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "pip install scikit-image" in message and "--content noise" in message

@@ -68,6 +68,9 @@ Crf = Annotated[int, typer.Option(help="Constant-quality level (lower is better)
 Preset = Annotated[str, typer.Option(help="Encoder speed preset, in x264's names.")]
 PixFmt = Annotated[str | None, typer.Option("--pix-fmt", help="yuv420p, yuv420p10le, yuv444p, yuv422p10le, "
                                                                "yuv444p10le or rgb24 (default: the codec's first).")]
+Encoders = Annotated[str | None, typer.Option(help="Concurrent encoders for one output: N or auto (segments of a "
+                                                  "clip encoded at once, joined losslessly; auto: only for slow "
+                                                  "codecs such as h265/av1/vp9, on long clips, with cores to spare).")]
 Pad = Annotated[bool, typer.Option("--pad/--no-pad", help="Pad odd sizes by edge replication for 4:2:0/4:2:2.")]
 Denorm = Annotated[bool, typer.Option("--denormalize/--no-denormalize",
                                       help="Undo the pipeline's latent normalisation (off for raw latents).")]
@@ -103,8 +106,8 @@ def decode(
                                                "(frames/%05d.png). A batch of B writes out_0.mp4 … out_{B-1}.mp4.")],
     vae: Vae = None, dtype: Dtype = None, device: Device = None, chunk: Chunk = None, buffers: Buffers = 2,
     sync: Sync = False, fps: Fps = None, codec: Codec = None, crf: Crf = 18, preset: Preset = "medium",
-    pix_fmt: PixFmt = None, pad: Pad = True, denormalize: Denorm = True, exact: Exact = False,
-    engine: EngineOpt = None, fast: Fast = False, decode_timestep: DecodeTimestep = None,
+    pix_fmt: PixFmt = None, pad: Pad = True, encoders: Encoders = "auto", denormalize: Denorm = True,
+    exact: Exact = False, engine: EngineOpt = None, fast: Fast = False, decode_timestep: DecodeTimestep = None,
     decode_noise_scale: DecodeNoise = None, audio: Audio = None, cut_audio: CutAudio = True,
     metadata: Metadata = None, no_metadata: NoMetadata = False, json_out: Json = False, quiet: Quiet = False,
 ) -> None:
@@ -116,9 +119,9 @@ def decode(
         options = DecodeOptions(vae=vae, dtype=dtype, device=device, chunk=chunk, buffers=buffers, sync=sync,
                                 denormalize=denormalize, exact=exact, engine=engine, fast=fast,
                                 decode_timestep=decode_timestep, decode_noise_scale=decode_noise_scale)
-        encode = EncodeOptions(codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, fps=fps, pad=pad, audio=audio,
-                               cut_audio=cut_audio, metadata=parse_metadata(metadata) if metadata else None,
-                               no_metadata=no_metadata)
+        encode = EncodeOptions(codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, fps=fps, pad=pad,
+                               encoders=encoders, audio=audio, cut_audio=cut_audio,
+                               metadata=parse_metadata(metadata) if metadata else None, no_metadata=no_metadata)
         with reporter:
             session = Session(reporter)
             job = session.prepare(latents, output, options, encode)
@@ -143,8 +146,8 @@ def batch(
                                                        "CONFIG_STEM.manifest.jsonl beside the config.")] = None,
     vae: Vae = None, dtype: Dtype = None, device: Device = None, chunk: Chunk = None, buffers: Buffers = None,
     sync: Sync = None, fps: Fps = None, codec: Codec = None, crf: Crf = None, preset: Preset = None,
-    pix_fmt: PixFmt = None, pad: Pad = None, denormalize: Denorm = None, exact: Exact = None,
-    engine: EngineOpt = None, fast: Fast = None, decode_timestep: DecodeTimestep = None,
+    pix_fmt: PixFmt = None, pad: Pad = None, encoders: Encoders = None, denormalize: Denorm = None,
+    exact: Exact = None, engine: EngineOpt = None, fast: Fast = None, decode_timestep: DecodeTimestep = None,
     decode_noise_scale: DecodeNoise = None, audio: Audio = None, cut_audio: CutAudio = None,
     metadata: Metadata = None, no_metadata: NoMetadata = None, json_out: Json = False, quiet: Quiet = False,
 ) -> None:
@@ -157,6 +160,7 @@ def batch(
 
     given = {"vae": vae, "dtype": dtype, "device": device, "chunk": chunk, "buffers": buffers, "sync": sync,
              "fps": fps, "codec": codec, "crf": crf, "preset": preset, "pix_fmt": pix_fmt, "pad": pad,
+             "encoders": int(encoders) if encoders and encoders.isdigit() else encoders,
              "denormalize": denormalize, "exact": exact, "engine": engine, "fast": fast,
              "decode_timestep": decode_timestep, "decode_noise_scale": decode_noise_scale,
              "audio": str(audio.resolve()) if audio else None, "cut_audio": cut_audio, "no_metadata": no_metadata}
@@ -315,7 +319,11 @@ def bench(
     dtype: Dtype = None, device: Device = None,
     runs: Annotated[int, typer.Option(help="Timed runs per mode and shape, after one warm-up.")] = 5,
     modes: Annotated[str, typer.Option(help="Comma-separated: naive (diffusers as users call it), sync, "
-                                            "pipelined.")] = "naive,sync,pipelined",
+                                            "pipelined; decode or encode time one lane alone.")]
+    = "naive,sync,pipelined",
+    content: Annotated[str, typer.Option(help="What the encoders are given: natural (a pan over photographs, as a "
+                                              "trained VAE's clip), noise (what random weights decode to) or "
+                                              "both.")] = "natural",
     chunk: Chunk = 1, buffers: Buffers = 2,
     out: Annotated[Path, typer.Option(help="Folder for bench.json, bench.md, videos, traces and plots.")]
     = Path("bench"),
@@ -326,6 +334,10 @@ def bench(
     profile: Annotated[bool, typer.Option("--profile/--no-profile", help="One extra profiled run per mode for "
                                                                          "GPU kernel utilization (CUDA).")] = True,
     crf: Crf = 18, preset: Preset = "medium", fast: Fast = False,
+    codec: Annotated[str, typer.Option(help=f"{', '.join(c for c in CODECS if c != 'png')} for every mode but "
+                                            "naive.")] = "h264",
+    encoders: Annotated[str, typer.Option(help="Comma-separated --encoders values to compare, such as 1,auto; "
+                                               "each its own table.")] = "auto",
     quiet: Quiet = False,
 ) -> None:
     """Time naive diffusers, sync and pipelined decoding to video on the same latents, in one process."""
@@ -337,7 +349,9 @@ def bench(
                                dtype=dtype, device=device, runs=runs,
                                modes=tuple(m.strip() for m in modes.split(",") if m.strip()), chunk=chunk,
                                buffers=buffers, out=out, trace=trace, plot=plot, profile=profile, crf=crf,
-                               preset=preset, fast=fast)
+                               preset=preset, fast=fast, codec=codec,
+                               content=("natural", "noise") if content == "both" else (content,),
+                               encoders=tuple(e.strip() for e in encoders.split(",") if e.strip()))
         report = run_bench(options, reporter)
     except (VaepipeError, KeyboardInterrupt) as e:
         raise fail(e, reporter) from None

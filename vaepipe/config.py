@@ -41,11 +41,11 @@ DECODE_KEYS = {"vae": str, "dtype": str, "device": str, "chunk": int, "buffers":
                "denormalize": bool, "exact": bool, "fast": bool, "engine": bool, "decode_timestep": float,
                "decode_noise_scale": float}
 ENCODE_KEYS = {"codec": str, "crf": int, "preset": str, "pix_fmt": str, "fps": float, "pad": bool, "audio": str,
-               "cut_audio": bool, "metadata": dict, "no_metadata": bool}
+               "cut_audio": bool, "metadata": dict, "no_metadata": bool, "encoders": int | str}
 OPTION_KEYS = DECODE_KEYS | ENCODE_KEYS
 PATH_KEYS = ("latents", "output", "inputs", "output_dir", "suffix")
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", float: "a number",
-               dict: "a table such as { artist = \"me\" }"}
+               dict: "a table such as { artist = \"me\" }", int | str: 'a number or "auto"'}
 
 
 @dataclass(kw_only=True, slots=True)

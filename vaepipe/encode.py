@@ -26,6 +26,7 @@ X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium"
 _SVT_AV1 = (12, 11, 10, 9, 8, 6, 5, 4, 2)
 _VP9_CPU_USED = (8, 7, 6, 5, 4, 3, 2, 1, 0)
 _NVENC = ("p1", "p1", "p2", "p3", "p4", "p5", "p6", "p7", "p7")
+_X264_LOOKAHEAD = (0, 0, 10, 20, 30, 40, 50, 60, 60)  # x264's own rc-lookahead per preset
 
 PIX_FMTS = ("yuv420p", "yuv420p10le", "yuv444p", "yuv422p10le", "yuv444p10le", "rgb24")
 _CHROMA_420 = {"yuv420p", "yuv420p10le"}
@@ -43,7 +44,12 @@ class Codec:
     def quality_args(self, crf: int, preset: str) -> list[str]:
         i = X264_PRESETS.index(preset)
         match self.encoder:
-            case "libx264" | "libx265":
+            case "libx264":
+                # A short tail: x264 holds rc-lookahead frames after the last one goes in (40 at medium); 20 keeps
+                # the same size-for-quality (docs/benchmarks.md: ~7 % smaller, -0.1 dB at the same CRF).
+                lookahead = ["-rc-lookahead", "20"] if _X264_LOOKAHEAD[i] > 20 else []
+                return ["-crf", str(crf), "-preset", preset, *lookahead]
+            case "libx265":
                 return ["-crf", str(crf), "-preset", preset]
             case "libsvtav1":
                 return ["-crf", str(crf), "-preset", str(_SVT_AV1[i])]
@@ -58,6 +64,16 @@ class Codec:
                 return []
             case _:  # NVENC
                 return ["-rc", "vbr", "-cq", str(crf), "-b:v", "0", "-preset", _NVENC[i]]
+
+    def thread_args(self, threads: int) -> list[str]:
+        """Hold the encoder to `threads` threads (segments divide the cores between their encoders)."""
+        match self.encoder:
+            case "libx265":
+                return ["-x265-params", f"pools={threads}"]  # ffmpeg's -threads does not reach x265
+            case "libsvtav1":
+                return ["-svtav1-params", f"lp={threads}"]  # nor SVT-AV1
+            case _:
+                return ["-threads", str(threads)]
 
 
 _VIDEO = (".mp4", ".mkv", ".mov")
@@ -98,6 +114,8 @@ class EncodeOptions:
     """Tags to write beside those the latents file records (KEY: value; a given KEY wins)."""
     no_metadata: bool = False
     """Write no tags at all."""
+    encoders: int | str = "auto"
+    """Concurrent encoders for one output (segment-parallel encoding, see segments.py): N, or auto."""
 
     def __post_init__(self) -> None:
         if self.codec is not None and self.codec not in CODECS:
@@ -120,6 +138,10 @@ class EncodeOptions:
             check_metadata(self.metadata)
             if self.metadata and self.no_metadata:
                 raise BadInput("metadata given and no_metadata set: drop one (--no-metadata writes no tags at all)")
+        if isinstance(self.encoders, str) and self.encoders.isdigit():
+            self.encoders = int(self.encoders)  # from the command line
+        if self.encoders != "auto" and not (type(self.encoders) is int and 1 <= self.encoders <= 64):
+            raise BadInput(f"encoders must be auto or a number in 1..64, got {self.encoders!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +160,10 @@ class EncodePlan:
     preset: str
     mux: Mux = Mux()
     """Soundtrack and tags, planned by mux.plan_mux once the clip's length is known."""
+    encoders: int | str = 1
+    """Concurrent encoders asked for (N or auto); segments.segment_lengths decides how many are used."""
+    threads: int | None = None
+    """Threads for this one encoder (a segment's); None: the encoder's own default."""
 
     @property
     def is_sequence(self) -> bool:
@@ -175,12 +201,16 @@ def plan_encode(dest: str | os.PathLike, *, width: int, height: int, fps: float,
     if (pad_right or pad_bottom) and not options.pad:
         raise BadInput(f"frames are {width}x{height} but {pix_fmt} needs even sizes: drop --no-pad to pad by edge"
                        " replication, or use --pix-fmt yuv444p")
+    if codec == "png" and options.encoders not in (1, "auto"):
+        raise BadInput(f"a PNG sequence is written frame by frame and cannot be split into segments: drop --encoders"
+                       f" {options.encoders} (or use 1)")
     if spec.hardware:
         ok, why = probe_encoder(spec.encoder)
         if not ok:
             raise BadInput(f"{spec.encoder} does not work on this machine ({why}): use --codec h264 (libx264)")
     return EncodePlan(dest=dest, codec=codec, pix_fmt=pix_fmt, fps=fps, width=width, height=height,
-                      pad_right=pad_right, pad_bottom=pad_bottom, crf=options.crf, preset=options.preset)
+                      pad_right=pad_right, pad_bottom=pad_bottom, crf=options.crf, preset=options.preset,
+                      encoders=options.encoders)
 
 
 def ffmpeg_exe() -> str:
@@ -217,21 +247,28 @@ def _command(plan: EncodePlan, target: Path, tags_file: Path | None = None) -> l
            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-framerate", f"{plan.fps:g}", "-i", "pipe:0",
            *plan.mux.input_args(tags_file), *plan.mux.output_args(tags_file),
            "-c:v", spec.encoder, *spec.quality_args(plan.crf, plan.preset), "-pix_fmt", plan.pix_fmt]
+    if plan.threads:
+        cmd += spec.thread_args(plan.threads)
     if plan.pix_fmt != "rgb24":
         # swscale converts RGB with BT.601 unless told; convert with BT.709 and say so in the stream.
         # setparams: encoder-side -color_* flags alone leave primaries and transfer unset in the stream.
         cmd += ["-vf", f"scale=out_color_matrix=bt709:out_range=tv,format={plan.pix_fmt},"
                 "setparams=colorspace=bt709:color_primaries=bt709:color_trc=bt709:range=tv"]
-    suffix = plan.dest.suffix.lower()
-    if suffix in (".mp4", ".mov"):
-        cmd += ["-movflags", "+faststart"]
-        if plan.codec in ("h265", "hevc_nvenc"):
-            cmd += ["-tag:v", "hvc1"]  # the tag Apple players need for HEVC
     if plan.is_sequence:
         cmd += ["-start_number", "0"]  # file N holds frame N
+    return [*cmd, *mux_args(plan), "-y", str(target)]
+
+
+def mux_args(plan: EncodePlan) -> list[str]:
+    """The container's options, last on the command line: also what joins a segmented output (segments.py)."""
+    suffix = plan.dest.suffix.lower()
+    args = []
+    if suffix in (".mp4", ".mov"):
+        args += ["-movflags", "+faststart"]
+        if plan.codec in ("h265", "hevc_nvenc"):
+            args += ["-tag:v", "hvc1"]  # the tag Apple players need for HEVC
     # Same frames, same bytes: no random container IDs, creation times or version strings.
-    cmd += ["-fflags", "+bitexact", "-flags:v", "+bitexact"]
-    return [*cmd, "-f", _MUXERS[suffix], "-y", str(target)]
+    return [*args, "-fflags", "+bitexact", "-flags:v", "+bitexact", "-f", _MUXERS[suffix]]
 
 
 def frame_files(dest: Path) -> list[Path]:

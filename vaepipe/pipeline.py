@@ -43,6 +43,8 @@ class LaneStats:
     busy_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LANES, 0.0))
     drain_s: float = 0.0
     """After the last frame went in: the encoder finishing (x264's lookahead, the mux) until the file is in place."""
+    encoders: int = 1
+    """Concurrent encoders (segments) the encode lane fed."""
     spans: list[tuple[str, int, float, float]] = field(default_factory=list)
     """(lane, chunk, start, end) in seconds since the lanes started: the timeline a trace shows."""
     engine: dict | None = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from .latents import Latents, check_for_vae, read_latents
 from .mux import probe_audio, with_mux
 from .pipeline import Buffers, Jitter, LaneStats, Progress, run_lanes
 from .progress import Reporter
+from .segments import SegmentedEncoder, segment_lengths
 from .vae import DTYPES, PRESETS, LoadedVae, load_vae
 
 DEFAULT_FPS = 16.0
@@ -196,8 +197,10 @@ class Session:
 
     def stream_sample(self, vae: LoadedVae, z: torch.Tensor, plan: EncodePlan, options: DecodeOptions, *,
                       progress: Progress | None = None, jitter: Jitter | None = None,
-                      decode_kwargs: dict | None = None) -> Streamed:
-        """`decode_sample` up to the point where every frame is in the encoder; the caller finishes or aborts."""
+                      decode_kwargs: dict | None = None, encoder_for: OpenEncoder | None = None) -> Streamed:
+        """`decode_sample` up to the point where every frame is in the encoder; the caller finishes or aborts.
+        `encoder_for(plan, frames)` replaces the encoder (bench: natural frames, or none to time decoding alone);
+        `decode_kwargs`: the rest of what the family's `prepare` gave (LTX's decode timestep)."""
         t = time.perf_counter()
         engine = self.engine(vae, options)
         if engine:  # one piece per step: the engine's call of several latent frames
@@ -206,7 +209,7 @@ class Session:
         else:
             pieces, step = decode_stream(vae.model, z, **(decode_kwargs or {})), options.chunk or 1
             frames_per_chunk = step * vae.temporal_factor
-        encoder = Encoder(plan)
+        encoder = (encoder_for or open_encoder)(plan, vae.family.num_frames(vae.model, z.shape[2]))
         try:
             with torch.inference_mode():
                 stats = run_lanes(_checked_pieces(pieces, plan), encoder, device=vae.device,
@@ -249,12 +252,22 @@ class Session:
         return self._engines[key]
 
 
+def open_encoder(plan: EncodePlan, frames: int) -> Encoder | SegmentedEncoder:
+    """One ffmpeg, or one per segment where --encoders and the clip call for it (segments.py)."""
+    lengths = segment_lengths(plan, frames)
+    return Encoder(plan) if len(lengths) == 1 else SegmentedEncoder(plan, lengths)
+
+
+OpenEncoder = Callable[[EncodePlan, int], "Encoder | SegmentedEncoder"]
+"""Makes the encode lane's sink for a plan and a frame count: write(frames), finish(), abort(), output_bytes()."""
+
+
 @dataclass(slots=True)
 class Streamed:
     """One sample whose frames are all in its encoder: `finish()` publishes the file, `abort()` drops it."""
 
     plan: EncodePlan
-    encoder: Encoder
+    encoder: Encoder | SegmentedEncoder
     stats: LaneStats
     started: float
 
@@ -263,6 +276,7 @@ class Streamed:
         t = time.perf_counter()
         self.encoder.finish()
         self.stats.drain_s = time.perf_counter() - t
+        self.stats.encoders = getattr(self.encoder, "encoders", 1)
         self.stats.wall_s = time.perf_counter() - self.started  # from encoder start to the file in place
         return self.stats, self.encoder.output_bytes()
 
@@ -304,6 +318,6 @@ def summarize(job: Job, plan: EncodePlan, stats: LaneStats, size: int) -> dict:
         "mode": "sync" if job.options.sync else "pipelined", "exact": job.options.exact,
         "decoder": stats.engine or {"name": "diffusers"}, "buffers": 1 if job.options.sync else job.options.buffers,
         "wall_s": round(stats.wall_s, 4), "busy_s": {k: round(v, 4) for k, v in stats.busy_s.items()},
-        "encoder_drain_s": round(stats.drain_s, 4),
+        "encoder_drain_s": round(stats.drain_s, 4), "encoders": stats.encoders,
         "decode_utilization": round(stats.decode_utilization, 4), "vaepipe": __version__,
     }

@@ -1,0 +1,135 @@
+"""What a benchmark run times: its options and the clip shapes."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..encode import CODECS, EncodeOptions, plan_encode
+from ..errors import BadInput
+from ..latents import parse_size
+from ..runner import DEFAULT_FPS, DecodeOptions
+from .content import CONTENTS, photograph_folder
+from .modes import DEFAULT_MODES, MODES
+
+DEFAULT_SHAPES = ("480x832x81", "720x1280x81")
+
+
+@dataclass(kw_only=True, slots=True)
+class BenchOptions:
+    vae: str = "random:wan2.1"
+    """The VAE to time (a preset, a folder, a cached repo id or a checkpoint)."""
+    shapes: tuple[str, ...] = DEFAULT_SHAPES
+    """Video sizes HEIGHTxWIDTHxFRAMES; synthetic N(0, 1) latents of the matching latent size."""
+    dtype: str | None = None
+    """bf16, fp16 or fp32; None: bf16 on CUDA, fp32 on the CPU."""
+    device: str | None = None
+    """cuda, cuda:N or cpu; None: cuda when there is one."""
+    runs: int = 5
+    """Timed runs per mode and shape, after one warm-up."""
+    modes: tuple[str, ...] = DEFAULT_MODES
+    """Which of MODES to run (default naive, sync, pipelined; decode and encode time one lane alone)."""
+    content: tuple[str, ...] = ("natural",)
+    """What the encoder is given: natural frames (a pan over photographs, what a trained VAE's clip looks like to
+    an encoder) or noise (what random weights decode to); both side by side."""
+    codec: str = "h264"
+    """The encoder for every mode but naive (which is diffusers' export_to_video)."""
+    encoders: tuple[int | str, ...] = ("auto",)
+    """--encoders values to compare (e.g. 1 and auto), each its own table."""
+    chunk: int = 1
+    """Latent frames per pipeline step (sync and pipelined)."""
+    buffers: int = 2
+    """Slots per lane (pipelined)."""
+    out: Path = Path("bench")
+    """Where bench.json, bench.md, the videos, traces and plots go."""
+    trace: bool = False
+    """Write a Chrome/Perfetto trace per shape and mode."""
+    plot: bool = False
+    """Write a PNG timeline per shape (needs matplotlib)."""
+    profile: bool = True
+    """One extra run per mode under the torch profiler for GPU kernel utilization (CUDA only)."""
+    crf: int = 18
+    """libx264 CRF for sync and pipelined."""
+    preset: str = "medium"
+    """libx264 preset for sync and pipelined: the encoder's lookahead is what the pipelined wall waits for last."""
+    fast: bool = False
+    """sync and pipelined take vaepipe's --fast path (channels-last convs, cuDNN autotuning for every mode)."""
+
+    @property
+    def encode(self) -> EncodeOptions:
+        return self.encode_with(self.encoders[0])
+
+    def encode_with(self, encoders: int | str) -> EncodeOptions:
+        return EncodeOptions(codec=self.codec, crf=self.crf, preset=self.preset, encoders=encoders)
+
+    @property
+    def suffix(self) -> str:
+        return {"prores": ".mov", "ffv1": ".mkv"}.get(self.codec, ".mp4")
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.runs <= 100:
+            raise BadInput(f"runs must be in 1..100, got {self.runs}")
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown or not self.modes or len(set(self.modes)) != len(self.modes):
+            raise BadInput(f"modes must be distinct names among {', '.join(MODES)}, got {','.join(self.modes)!r}")
+        if not self.shapes or len(set(self.shapes)) != len(self.shapes):
+            raise BadInput(f"shapes must be distinct HEIGHTxWIDTHxFRAMES values, got {','.join(self.shapes)!r}")
+        for shape in self.shapes:
+            Shape.parse(shape)
+        if not self.content or any(c not in CONTENTS for c in self.content) or len(set(self.content)) < len(
+                self.content):
+            raise BadInput(f"content must be natural, noise or both, got {','.join(self.content)!r}")
+        if "natural" in self.content:
+            photograph_folder()
+        if self.codec == "png" or self.codec not in CODECS:
+            raise BadInput(f"codec must be one of {', '.join(c for c in CODECS if c != 'png')}, got {self.codec!r}")
+        if not self.encoders or len(set(self.encoders)) < len(self.encoders):
+            raise BadInput(f"encoders must be distinct values, got {','.join(map(str, self.encoders))!r}")
+        self.encoders = tuple(self.encode_with(e).encoders for e in self.encoders)
+        DecodeOptions(vae=self.vae, dtype=self.dtype, device=self.device, chunk=self.chunk, buffers=self.buffers)
+        plan_encode(f"check{self.suffix}", width=16, height=16, fps=DEFAULT_FPS, options=self.encode)
+        if "naive" in self.modes and importlib.util.find_spec("imageio") is None:
+            raise BadInput("mode naive runs diffusers' export_to_video, which needs imageio: pip install imageio"
+                           " (or 'vaepipe[naive]'), or leave naive out of --modes")
+        if self.plot and importlib.util.find_spec("matplotlib") is None:
+            raise BadInput("--plot needs matplotlib: pip install matplotlib (or 'vaepipe[plot]'), or drop --plot")
+
+    def command(self, dtype: str) -> str:
+        """The command line that repeats this benchmark."""
+        parts = ["vaepipe bench", f"--vae {self.vae}", f"--shape {','.join(self.shapes)}", f"--dtype {dtype}",
+                 f"--runs {self.runs}", f"--modes {','.join(self.modes)}", f"--out {self.out}"]
+        if self.device:
+            parts.append(f"--device {self.device}")
+        if self.chunk != 1:
+            parts.append(f"--chunk {self.chunk}")
+        if self.buffers != 2:
+            parts.append(f"--buffers {self.buffers}")
+        if (self.crf, self.preset) != (18, "medium"):
+            parts.append(f"--crf {self.crf} --preset {self.preset}")
+        if self.codec != "h264":
+            parts.append(f"--codec {self.codec}")
+        parts.append(f"--content {'both' if len(self.content) == 2 else self.content[0]}")
+        if self.encoders != ("auto",):
+            parts.append(f"--encoders {','.join(map(str, self.encoders))}")
+        if self.fast:
+            parts.append("--fast")
+        parts += [flag for flag, on in (("--trace", self.trace), ("--plot", self.plot),
+                                        ("--no-profile", not self.profile)) if on]
+        return " ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    height: int
+    width: int
+    frames: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shape:
+        return cls(*parse_size(text, name="shape"))
+
+    @property
+    def label(self) -> str:
+        return f"{self.height}x{self.width}x{self.frames}"
+
