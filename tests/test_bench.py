@@ -8,13 +8,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from vaepipe.bench import MODES, Sample, busy_fraction, kernel_utilization, memory_check, profiled_utilization
+from vaepipe.bench import MODES as ALL_MODES
+from vaepipe.bench import Sample, busy_fraction, kernel_utilization, memory_check, profiled_utilization
 from vaepipe.bench.content import natural_frames, psnr
 from vaepipe.cli import app
 
 from conftest import read_video
 
 runner = CliRunner()
+MODES = tuple(m for m in ALL_MODES if m != "fastvae")  # a peer that runs on CUDA GPUs only
 SHAPE = "48x80x9"  # 3 latent frames: chunks of 1, 4 and 4 frames
 HAS_PLOT = importlib.util.find_spec("matplotlib") is not None
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("imageio") is None, reason="naive mode needs imageio")
@@ -58,6 +60,22 @@ def test_bench_reports_every_mode_with_its_measures(bench):
     md = (out / "bench.md").read_text()
     assert report["command"] in md and "| pipelined |" in md and "| target (pipelined) |" in md
     assert "pipelined" in output and "bench.json" in output  # the Rich table and where the files went
+
+
+def test_decoders_table_times_each_decoder_alone_and_says_which_is_exact(bench):
+    out, report, _ = bench
+    table = report["decoders"][SHAPE]
+    rows = table["rows"]
+    assert list(rows) == ["diffusers", "engine", "engine-exact"] and set(table["skipped"]) == {"fastvae",
+                                                                                                "fastvae-tuned"}
+    assert rows["diffusers"]["identical_to_diffusers"] and rows["engine-exact"]["identical_to_diffusers"]
+    for row in rows.values():
+        assert 0 < row["min_s"] <= row["median_s"] <= row["max_s"] and row["first_call_s"] > 0
+        assert row["speedup_vs_diffusers"] == pytest.approx(rows["diffusers"]["median_s"] / row["median_s"],
+                                                            rel=1e-2)
+    assert rows["engine-exact"]["self_check_s"] > 0 and rows["engine"]["self_check_s"] is None
+    md = (out / "bench.md").read_text()
+    assert f"## Decode lane alone, {SHAPE}" in md and "| engine-exact |" in md and "Left out: fastvae" in md
 
 
 def test_sync_and_pipelined_write_the_same_file_and_naive_the_same_frames(bench):
@@ -137,7 +155,8 @@ def test_memory_check_compares_longer_clips_with_the_shortest_of_the_same_size()
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [
-    ("--modes", "naive,fast", "modes must be distinct names among naive, sync, pipelined, decode, encode"),
+    ("--modes", "naive,fast", "modes must be distinct names among naive, fastvae, sync, pipelined, exact, decode,"
+                              " encode"),
     ("--content", "cartoon", "content must be natural, noise or both"),
     ("--codec", "png", "codec must be one of h264"),
     ("--encoders", "0", "encoders must be auto or a number in 1..64, got 0"),

@@ -318,13 +318,15 @@ def bench(
     = "480x832x81,720x1280x81",
     dtype: Dtype = None, device: Device = None,
     runs: Annotated[int, typer.Option(help="Timed runs per mode and shape, after one warm-up.")] = 5,
-    modes: Annotated[str, typer.Option(help="Comma-separated: naive (diffusers as users call it), sync, "
-                                            "pipelined; decode or encode time one lane alone.")]
-    = "naive,sync,pipelined",
+    modes: Annotated[str | None, typer.Option(help="Comma-separated: naive (diffusers as users call it), fastvae "
+                                                   "(that path with fastvae's decoder), sync, pipelined (the "
+                                                   "default decode), exact (--exact); decode or encode time one "
+                                                   "lane alone. Default: naive,sync,pipelined,exact, and fastvae "
+                                                   "where it is installed and a GPU is used.")] = None,
     content: Annotated[str, typer.Option(help="What the encoders are given: natural (a pan over photographs, as a "
                                               "trained VAE's clip), noise (what random weights decode to) or "
                                               "both.")] = "natural",
-    chunk: Chunk = 1, buffers: Buffers = 2,
+    chunk: Chunk = None, buffers: Buffers = 2,
     out: Annotated[Path, typer.Option(help="Folder for bench.json, bench.md, videos, traces and plots.")]
     = Path("bench"),
     trace: Annotated[bool, typer.Option("--trace", help="Write a Chrome/Perfetto trace per shape and mode.")]
@@ -333,23 +335,30 @@ def bench(
     = False,
     profile: Annotated[bool, typer.Option("--profile/--no-profile", help="One extra profiled run per mode for "
                                                                          "GPU kernel utilization (CUDA).")] = True,
-    crf: Crf = 18, preset: Preset = "medium", fast: Fast = False,
+    crf: Crf = 18, preset: Preset = "medium",
     codec: Annotated[str, typer.Option(help=f"{', '.join(c for c in CODECS if c != 'png')} for every mode but "
                                             "naive.")] = "h264",
+    decoders: Annotated[bool, typer.Option("--decoders/--no-decoders", help="Also time the decode lane alone, "
+                                                                           "decoder against decoder (diffusers, "
+                                                                           "engine, engine-exact, fastvae).")] = True,
+    fidelity: Annotated[bool, typer.Option("--fidelity", help="In that table, PSNR and max abs difference against "
+                                                             "an fp32 decode with fp32 weights.")] = False,
     encoders: Annotated[str, typer.Option(help="Comma-separated --encoders values to compare, such as 1,auto; "
                                                "each its own table.")] = "auto",
     quiet: Quiet = False,
 ) -> None:
-    """Time naive diffusers, sync and pipelined decoding to video on the same latents, in one process."""
-    from .bench import BenchOptions, print_table, run_bench
+    """Time naive diffusers, fastvae, sync, pipelined and exact decoding to video on the same latents, in one
+    process, and each decoder's decode lane alone."""
+    from .bench import BenchOptions, default_modes, print_table, run_bench
 
     reporter = Reporter(quiet=quiet)
     try:
         options = BenchOptions(vae=vae, shapes=tuple(s.strip() for s in shape.split(",") if s.strip()),
                                dtype=dtype, device=device, runs=runs,
-                               modes=tuple(m.strip() for m in modes.split(",") if m.strip()), chunk=chunk,
+                               modes=tuple(m.strip() for m in modes.split(",") if m.strip()) if modes is not None
+                               else default_modes(device), chunk=chunk,
                                buffers=buffers, out=out, trace=trace, plot=plot, profile=profile, crf=crf,
-                               preset=preset, fast=fast, codec=codec,
+                               preset=preset, codec=codec, decoders=decoders, fidelity=fidelity,
                                content=("natural", "noise") if content == "both" else (content,),
                                encoders=tuple(e.strip() for e in encoders.split(",") if e.strip()))
         report = run_bench(options, reporter)

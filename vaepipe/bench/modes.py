@@ -2,8 +2,10 @@
 that lane's part alone) and returns a Sample (wall time, per-lane busy times, spans for the trace):
 
     naive       what a diffusers user does today: vae.decode, postprocess_video, export_to_video
+    fastvae     the same user path with fastvae's decoder in place of vae.decode (a peer; pip install fastvae)
     sync        vaepipe's chunks on one stream, decode, copy and encode one after another
-    pipelined   vaepipe's three overlapped lanes
+    pipelined   vaepipe's three overlapped lanes (on GPUs: the engine, fast policy, the default)
+    exact       pipelined with --exact: frames bit-identical to diffusers' vae.decode
     decode      the decode and copy lanes alone (no encoder): what the GPU side costs
     encode      the encoder lane alone, fed frames from memory as fast as it takes them
 
@@ -33,11 +35,19 @@ from .measure import Case, Sample, synchronize
 if TYPE_CHECKING:
     from .options import BenchOptions, Shape
 
-MODES = ("naive", "sync", "pipelined", "decode", "encode")
-DEFAULT_MODES = ("naive", "sync", "pipelined")
+MODES = ("naive", "fastvae", "sync", "pipelined", "exact", "decode", "encode")
+DEFAULT_MODES = ("naive", "sync", "pipelined", "exact")
 NAIVE_STAGES = ("decode", "postprocess", "export")
 """The naive path's steps, drawn as its three lanes: vae.decode, postprocess_video(np), export_to_video."""
 NAIVE_ENCODER = "diffusers export_to_video defaults: imageio-ffmpeg libx264, quality 5 (CRF 25), yuv420p"
+
+
+def default_modes(device: str | None) -> tuple[str, ...]:
+    """DEFAULT_MODES, and fastvae where it is installed and the bench runs on a GPU."""
+    import importlib.util
+
+    gpu = device != "cpu" and torch.cuda.is_available()
+    return DEFAULT_MODES + (("fastvae",) if gpu and importlib.util.find_spec("fastvae") else ())
 
 
 class Feed:
@@ -84,10 +94,11 @@ def prepare_case(shape: Shape, content: str, encoders: int | str, z: torch.Tenso
     encode = options.encode_with(encoders)
     for mode in options.modes:
         keep = case.references.setdefault(mode, [])
-        if mode == "naive":
+        if mode in ("naive", "fastvae"):
             floats = None if natural is None else (natural.numpy().astype(np.float32) + 0.5) / 255
-            case.jobs[mode] = lambda dest=outputs[mode], keep=keep, floats=floats: naive_job(naive_vae, z, dest,
-                                                                                           floats, keep, kwargs)
+            decode = fastvae_decode(naive_vae, z) if mode == "fastvae" else None
+            case.jobs[mode] = lambda dest=outputs[mode], keep=keep, floats=floats, decode=decode: naive_job(
+                naive_vae, z, dest, floats, keep, kwargs, decode)
             continue
         plan = plan_encode(outputs[mode], width=shape.width, height=shape.height, fps=DEFAULT_FPS, options=encode)
         if mode == "encode":
@@ -97,7 +108,7 @@ def prepare_case(shape: Shape, content: str, encoders: int | str, z: torch.Tenso
             case.jobs[mode] = lambda plan=plan, keep=keep, frames=frames: encode_job(
                 plan, frames, keep, (options.chunk or 1) * vae.temporal_factor)
             continue
-        opts = dataclasses.replace(decode_options, sync=mode == "sync")
+        opts = dataclasses.replace(decode_options, sync=mode == "sync", exact=mode == "exact")
         session = sessions["sync" if mode == "sync" else "pipelined"]
 
         def feed(plan: EncodePlan, frames: int, keep=keep, lane_only=mode == "decode") -> Feed:
@@ -111,10 +122,12 @@ def prepare_case(shape: Shape, content: str, encoders: int | str, z: torch.Tenso
 
 
 def naive_job(vae: LoadedVae, z: torch.Tensor, dest: Path, natural: np.ndarray | None = None,
-              keep: list | None = None, kwargs: dict | None = None) -> Sample:
+              keep: list | None = None, kwargs: dict | None = None,
+              decode: Callable[[], torch.Tensor] | None = None) -> Sample:
     """What a diffusers Wan pipeline and its docs do: decode the whole clip, postprocess_video to numpy, then
     `export_to_video(frames, path, fps=16)`. With `natural` (floats that export_to_video turns back into exactly the
-    natural frames), those go to export_to_video in place of the decoded ones."""
+    natural frames), those go to export_to_video in place of the decoded ones; `decode` replaces vae.decode (a
+    peer's decoder)."""
     from diffusers.utils import export_to_video
     from diffusers.video_processor import VideoProcessor
 
@@ -124,7 +137,7 @@ def naive_job(vae: LoadedVae, z: torch.Tensor, dest: Path, natural: np.ndarray |
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
-            video = vae.family.decode(vae.model, z, **(kwargs or {}))
+            video = decode() if decode else vae.family.decode(vae.model, z, **(kwargs or {}))
         synchronize(vae.device)  # postprocess_video's .cpu() waits for the decode anyway; this only splits timings
         t1 = time.perf_counter()
         frames = processor.postprocess_video(video, output_type="np")[0]
@@ -144,6 +157,14 @@ def naive_job(vae: LoadedVae, z: torch.Tensor, dest: Path, natural: np.ndarray |
                 strict=True)
     spans = [(stage, what, a - t0, b - t0) for stage, what, a, b in steps]
     return Sample(wall_s=t3 - t0, stages_s=stages, spans=spans)
+
+
+def fastvae_decode(vae: LoadedVae, z: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """fastvae's decoder as its README has users call it (built once, here, before any timing)."""
+    from fastvae import FastVAEDecoder
+
+    decoder = FastVAEDecoder.from_vae(vae.model).to(vae.device)
+    return lambda: decoder.decode(z)
 
 
 def vaepipe_job(session: Session, vae: LoadedVae, z: torch.Tensor, plan, options: DecodeOptions,

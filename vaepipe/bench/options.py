@@ -37,8 +37,8 @@ class BenchOptions:
     """The encoder for every mode but naive (which is diffusers' export_to_video)."""
     encoders: tuple[int | str, ...] = ("auto",)
     """--encoders values to compare (e.g. 1 and auto), each its own table."""
-    chunk: int = 1
-    """Latent frames per pipeline step (sync and pipelined)."""
+    chunk: int | None = None
+    """Latent frames per decoder call (None: the engine's choice from free memory; diffusers' decoder 1)."""
     buffers: int = 2
     """Slots per lane (pipelined)."""
     out: Path = Path("bench")
@@ -53,8 +53,10 @@ class BenchOptions:
     """libx264 CRF for sync and pipelined."""
     preset: str = "medium"
     """libx264 preset for sync and pipelined: the encoder's lookahead is what the pipelined wall waits for last."""
-    fast: bool = False
-    """sync and pipelined take vaepipe's --fast path (channels-last convs, cuDNN autotuning for every mode)."""
+    decoders: bool = True
+    """Also time the decode lane alone, decoder against decoder (bench/decoders.py)."""
+    fidelity: bool = False
+    """In that table, PSNR and max abs difference against an fp32 decode with fp32 weights (loads the VAE twice)."""
 
     @property
     def encode(self) -> EncodeOptions:
@@ -89,9 +91,12 @@ class BenchOptions:
         self.encoders = tuple(self.encode_with(e).encoders for e in self.encoders)
         DecodeOptions(vae=self.vae, dtype=self.dtype, device=self.device, chunk=self.chunk, buffers=self.buffers)
         plan_encode(f"check{self.suffix}", width=16, height=16, fps=DEFAULT_FPS, options=self.encode)
-        if "naive" in self.modes and importlib.util.find_spec("imageio") is None:
-            raise BadInput("mode naive runs diffusers' export_to_video, which needs imageio: pip install imageio"
-                           " (or 'vaepipe[naive]'), or leave naive out of --modes")
+        if {"naive", "fastvae"} & set(self.modes) and importlib.util.find_spec("imageio") is None:
+            raise BadInput("modes naive and fastvae run diffusers' export_to_video, which needs imageio: pip install"
+                           " imageio (or 'vaepipe[naive]'), or leave them out of --modes")
+        if "fastvae" in self.modes and importlib.util.find_spec("fastvae") is None:
+            raise BadInput("mode fastvae needs fastvae: pip install fastvae (or 'vaepipe[peers]'), or leave it out"
+                           " of --modes")
         if self.plot and importlib.util.find_spec("matplotlib") is None:
             raise BadInput("--plot needs matplotlib: pip install matplotlib (or 'vaepipe[plot]'), or drop --plot")
 
@@ -101,7 +106,7 @@ class BenchOptions:
                  f"--runs {self.runs}", f"--modes {','.join(self.modes)}", f"--out {self.out}"]
         if self.device:
             parts.append(f"--device {self.device}")
-        if self.chunk != 1:
+        if self.chunk:
             parts.append(f"--chunk {self.chunk}")
         if self.buffers != 2:
             parts.append(f"--buffers {self.buffers}")
@@ -112,10 +117,9 @@ class BenchOptions:
         parts.append(f"--content {'both' if len(self.content) == 2 else self.content[0]}")
         if self.encoders != ("auto",):
             parts.append(f"--encoders {','.join(map(str, self.encoders))}")
-        if self.fast:
-            parts.append("--fast")
         parts += [flag for flag, on in (("--trace", self.trace), ("--plot", self.plot),
-                                        ("--no-profile", not self.profile)) if on]
+                                        ("--no-profile", not self.profile), ("--no-decoders", not self.decoders),
+                                        ("--fidelity", self.fidelity)) if on]
         return " ".join(parts)
 
 

@@ -231,6 +231,20 @@ def markdown(report: dict) -> str:
             lines.append("")
         if r.get("timeline"):
             lines += [f"![timeline {r['shape']}]({r['timeline']})", ""]
+    for shape, table in report.get("decoders", {}).items():
+        lines += [f"## Decode lane alone, {shape} (no encoder; {table['runs']} timed calls after the first)", "",
+                  "| decoder | s, median [min–max] | × diffusers | first call s | peak GiB | identical to diffusers |"
+                  " PSNR vs fp32 dB | max abs vs fp32 |", "|---|---|---|---|---|---|---|---|"]
+        for name, d in table["rows"].items():
+            lines.append(f"| {name} | {d['median_s']:.3f} [{d['min_s']:.3f}–{d['max_s']:.3f}]"
+                         f" | {_fmt(d['speedup_vs_diffusers'], '.2f')} | {d['first_call_s']:.2f}"
+                         f" | {_fmt(d['peak_gib'], '.2f')} | {'yes' if d['identical_to_diffusers'] else 'no'}"
+                         f" | {_fmt(d.get('psnr_vs_fp32_db'), '.2f')} | {_fmt(d.get('max_abs_vs_fp32'), '.4f')} |")
+        exact = table["rows"].get("engine-exact")
+        if exact:
+            lines += ["", f"engine-exact: self-check {exact['self_check_s']:.2f} s of its first call; ops run"
+                          f" diffusers' way: {', '.join(exact['fallbacks']) or 'none'}."]
+        lines += [f"Left out: {name} ({why})." for name, why in table["skipped"].items()] + [""]
     if report.get("encoders"):
         lines += ["## Segment-parallel encoding against one encoder (--encoders 1)", "",
                   "| shape | content | mode | --encoders | segments | × faster | size ÷ one | PSNR dB (one) |"
@@ -279,5 +293,15 @@ def print_table(report: dict, reporter: Reporter) -> None:
                   if t["met"] is False]
         if missed:
             reporter.log(f"{r['shape']} {r['content']} pipelined misses: {'; '.join(missed)}")
+    for shape, t in report.get("decoders", {}).items():
+        table = Table(title=f"{shape} decode lane alone, {dtype}", title_justify="left", box=box.SIMPLE_HEAD,
+                      pad_edge=False, collapse_padding=True)
+        for name in ("decoder", "s", "×diffusers", "first s", "VRAM", "exact", "PSNR fp32"):
+            table.add_column(name, justify="left" if name == "decoder" else "right", no_wrap=True)
+        for name, d in t["rows"].items():
+            table.add_row(name, f"{d['median_s']:.3f}", _fmt(d["speedup_vs_diffusers"], ".2f"),
+                          f"{d['first_call_s']:.2f}", _fmt(d["peak_gib"], ".2f"),
+                          "yes" if d["identical_to_diffusers"] else "no", _fmt(d.get("psnr_vs_fp32_db"), ".2f"))
+        reporter.console.print(table)
     for c in report["memory"]:
         reporter.log(f"memory: {c['shape']} peak {c['peak_vram_gib']:.3f} GiB = {c['ratio']:.3f} × {c['against']}")

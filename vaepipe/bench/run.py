@@ -17,6 +17,7 @@ from ..progress import Reporter
 from ..runner import DEFAULT_FPS, DecodeOptions, Session
 from ..vae import DTYPES
 from .content import SOURCE, natural_frames
+from .decoders import decoder_table
 from .measure import time_cases
 from .modes import NAIVE_ENCODER, NAIVE_STAGES, prepare_case
 from .options import BenchOptions, Shape
@@ -28,7 +29,7 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
     """Run the benchmark, write bench.json and bench.md (plus traces and plots when asked) under `options.out`,
     and return the report that bench.json holds."""
     decode_options = DecodeOptions(vae=options.vae, dtype=options.dtype, device=options.device,
-                                   chunk=options.chunk, buffers=options.buffers, fast=options.fast)
+                                   chunk=options.chunk, buffers=options.buffers)
     device = decode_options.torch_device()
     dtype = decode_options.torch_dtype(device)
     dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
@@ -44,14 +45,14 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
         "command": options.command(dtype_name), "environment": environment(device),
         "settings": {"vae": vae.source, "dtype": dtype_name, "device": str(device), "runs": options.runs,
                      "warmup_runs": 1, "modes": list(options.modes), "chunk": options.chunk,
-                     "buffers": options.buffers, "fast": options.fast, "fps": DEFAULT_FPS,
+                     "buffers": options.buffers, "fps": DEFAULT_FPS,
                      "latents": "N(0, 1), seed 0, denormalised",
                      "encoder": f"{CODECS[options.codec].encoder} CRF {options.crf} {options.preset} (BT.709),"
                                 f" --encoders {','.join(map(str, options.encoders))}",
                      "content": list(options.content), "natural_content": SOURCE,
                      "noise_content": "what the VAE decodes the N(0, 1) latents to (random weights: noise)",
                      "naive_encoder": NAIVE_ENCODER, "profiled": options.profile and device.type == "cuda"},
-        "load_s": round(sessions["pipelined"].load_s, 3), "results": [],
+        "load_s": round(sessions["pipelined"].load_s, 3), "results": [], "decoders": {},
     }
     reporter.log(f"model load {report['load_s']:.2f} s; timing {', '.join(options.modes)} on {device}"
                  f" ({report['environment']['device']}), {options.runs} timed run(s) after one warm-up")
@@ -72,6 +73,9 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
             cases += [prepare_case(shape, content, e, z, vae, naive_vae, sessions, decode_options, options, out,
                                    natural, kwargs) for e in options.encoders]
         time_cases(cases, options, device, reporter)
+        if options.decoders:
+            report["decoders"][shape.label] = decoder_table(vae, latents[text], options.vae, options.runs,
+                                                            fidelity=options.fidelity, reporter=reporter)
         for case in cases:
             result = case_result(case, vae, options)
             report["results"].append(result)
