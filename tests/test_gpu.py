@@ -92,14 +92,103 @@ def test_lanes_pass_under_the_cuda_sanitizer():
     assert " passed" in run.stdout and "failed" not in run.stdout
 
 
-def test_cuda_fast_path_stays_close_and_leaves_exact_decodes_exact(case):
-    from vaepipe.decode import use_fast_path
+@pytest.fixture(scope="module")
+def full_size():
+    """Full-size random-weight Wan VAEs (bf16 and fp32) and short clips at their real resolutions."""
+    vaes = {(preset, dtype): tiny_vae(preset, dtype, "cuda") for preset in ("random:wan2.1", "random:wan2.2")
+            for dtype in (torch.bfloat16, torch.float32)}
+    latent = {"random:wan2.1": (60, 104), "random:wan2.2": (44, 80)}  # 480x832 and 704x1280
+    return vaes, latent
 
-    vae, z, want = case
-    fast = tiny_vae("random:wan2.1-tiny", torch.float32, "cuda")
-    use_fast_path(fast)
-    got, _ = decode_with_lanes(fast, z)
-    assert (got.int() - want.int()).abs().max() <= 8
-    assert not torch.backends.cudnn.benchmark  # autotuning was on only inside the fast model's calls
-    exact, _ = decode_with_lanes(vae, z)
-    assert torch.equal(exact, want)
+
+def _engine_video(engine, z):
+    with torch.inference_mode():
+        return torch.cat([piece.video() for piece in engine.stream(z)], dim=2)
+
+
+@pytest.mark.parametrize("preset", ["random:wan2.1", "random:wan2.2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_cuda_exact_engine_equals_diffusers_decode_bit_for_bit(full_size, preset, dtype, chunk):
+    from vaepipe.engine import Engine
+
+    vaes, latent = full_size
+    vae = vaes[(preset, dtype)]
+    z = torch.randn(1, vae.config.z_dim, 4, *latent[preset], device="cuda", dtype=dtype)
+    with torch.inference_mode():
+        want = vae.decode(z).sample
+    engine = Engine(vae, exact=True, chunk=chunk)
+    assert torch.equal(_engine_video(engine, z), want), engine.fallbacks
+    fast = Engine(vae, exact=False, chunk=chunk)
+    assert (_engine_video(fast, z).float() - want.float()).abs().max() <= (0.1 if dtype == torch.bfloat16 else 1e-3)
+
+
+def test_cuda_self_check_catches_a_broken_kernel_and_stays_exact(monkeypatch):
+    from vaepipe.engine import Engine, kernels
+
+    vae = tiny_vae("random:wan2.1-tiny", torch.bfloat16, "cuda")
+    z = torch.randn(1, 16, 3, 6, 10, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        want = vae.decode(z).sample
+    real = kernels.norm_silu
+
+    def off_by_one_ulp(src, gamma, y, x=None, **kw):
+        real(src, gamma, y, x, **kw)
+        y.view(torch.int16).add_(1)
+
+    monkeypatch.setattr(kernels, "norm_silu", off_by_one_ulp)
+    engine = Engine(vae, exact=True)
+    assert torch.equal(_engine_video(engine, z), want)
+    assert "norm_out" in engine.fallbacks
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_kernels_move_data_bit_for_bit_and_the_exact_norm_repeats_diffusers(dtype):
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+    from vaepipe.engine import kernels
+    from vaepipe.engine.kernels import Pending
+
+    def cl(*shape):
+        return torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last_3d)
+
+    for interleave in (True, False):
+        c = 192
+        src = Pending(cl(1, 2 * c if interleave else c, 2, 30, 52), torch.randn(2 * c if interleave else c,
+                                                                              device="cuda").to(dtype))
+        want = kernels.upsample_reference(src, scale=2, interleave=interleave)
+        out = torch.empty_like(want, memory_format=torch.channels_last_3d)
+        kernels.upsample(src, out, scale=2, interleave=interleave)
+        assert torch.equal(out, want)
+    for patch in (1, 2):
+        src = Pending(cl(1, 3 * patch * patch, 3, 40, 52), torch.randn(3 * patch * patch, device="cuda").to(dtype))
+        got = torch.zeros((3, 40 * patch, 52 * patch, 3), dtype=torch.uint8, device="cuda")
+        want = got.clone()
+        kernels.to_uint8(src, got, patch=patch)
+        kernels.to_uint8_reference(src, want, patch=patch)
+        assert torch.equal(got, want)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for c, frames, h, w in ((96, 4, 120, 208), (192, 4, 60, 104), (384, 2, 60, 104), (384, 1, 60, 104)):
+        norm = WanRMS_norm(c, images=False).to("cuda", dtype)
+        with torch.no_grad():
+            norm.gamma.uniform_(0.2, 3.0)  # trained-like scales
+        src = Pending(cl(1, c, frames, h, w), torch.randn(c, device="cuda").to(dtype), cl(1, c, frames, h, w))
+        x = kernels.materialize_reference(src)
+        want = torch.nn.functional.silu(norm(x.contiguous()))  # diffusers' ops, on diffusers' layout
+        y = torch.empty_like(x)
+        plan = kernels.reduction_plan(c, frames * h * w, sms=sms) + (True,)
+        kernels.norm_silu(src, norm.gamma.detach().reshape(-1), y, exact=True, frames_per_call=frames, plan=plan)
+        assert torch.equal(y, want), (c, frames)
+
+
+def test_cli_on_cuda_default_engine_exact_and_diffusers_decoder(tmp_path):
+    z = write_latents(tmp_path / "lat.pt", (16, 4, 6, 10), seed=4)
+    want = diffusers_frames(tiny_vae("random:wan2.1-tiny", torch.float32, "cuda"), z[None])
+    base = ["decode", str(tmp_path / "lat.pt"), "--vae", "random:wan2.1-tiny", "--device", "cuda", "--dtype", "fp32",
+            "--codec", "ffv1", "--pix-fmt", "rgb24", "-q"]
+    for name, flags in {"exact": ["--exact"], "diffusers": ["--no-engine"], "fast": []}.items():
+        result = CliRunner().invoke(app, [*base[:2], str(tmp_path / f"{name}.mkv"), *base[2:], *flags])
+        assert result.exit_code == 0, result.output
+    assert np.array_equal(read_video(tmp_path / "exact.mkv"), want)
+    assert np.array_equal(read_video(tmp_path / "diffusers.mkv"), want)
+    assert np.abs(read_video(tmp_path / "fast.mkv").astype(int) - want.astype(int)).max() <= 2

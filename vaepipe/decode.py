@@ -36,19 +36,6 @@ def frames_per_latent(vae: torch.nn.Module) -> int:
     return family_of(vae).temporal_factor(vae)
 
 
-def use_fast_path(vae: torch.nn.Module) -> None:
-    """Opt-in speed (--fast) at the cost of exactness: the decode is no longer bit-identical to diffusers'.
-
-    Applied once, to a model that is then used only this way; the two changes are independent.
-    """
-    # NDHWC conv weights make the convs run, and hand on activations, channels-last: the layout tensor cores want.
-    for conv in (m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)):
-        conv.weight.data = conv.weight.data.to(memory_format=torch.channels_last_3d)
-    # cuDNN times its algorithms for each conv shape on first use and keeps the fastest; set per call (see
-    # families.wan.cudnn_benchmark) so that exact decodes in the same process keep the default algorithms.
-    vae._vaepipe_fast = True
-
-
 def to_uint8_frames(video: torch.Tensor, out: torch.Tensor) -> None:
     """Write video [1, 3, F, H, W] as uint8 frames into `out` [F, H + pad, W + pad, 3], on the video's device.
 

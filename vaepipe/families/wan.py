@@ -7,7 +7,6 @@ one latent frame at a time with the causal feature cache), but hands each piece 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -65,24 +64,12 @@ class Wan(Family):
         # Our own feature cache, so the model's `_feat_map` is never touched and two streams could share one model.
         feat_cache = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
         patch_size = vae.config.patch_size
-        autotune = getattr(vae, "_vaepipe_fast", False)
         x = vae.post_quant_conv(z)
         for i in range(z.shape[2]):
-            with cudnn_benchmark(autotune):
-                out = vae.decoder(x[:, :, i : i + 1], feat_cache=feat_cache, feat_idx=[0], first_chunk=i == 0)
+            out = vae.decoder(x[:, :, i : i + 1], feat_cache=feat_cache, feat_idx=[0], first_chunk=i == 0)
             if patch_size is not None:
                 out = unpatchify(out, patch_size=patch_size)
             yield torch.clamp(out, min=-1.0, max=1.0)
-
-
-@contextlib.contextmanager
-def cudnn_benchmark(on: bool) -> Iterator[None]:
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = on or before
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before
 
 
 FAMILY = Wan()
