@@ -63,7 +63,7 @@ def test_cli_on_cuda_matches_diffusers_on_cuda_byte_for_byte(tmp_path):
     z = write_latents(tmp_path / "lat.pt", (16, 4, 6, 10), seed=3)
     result = CliRunner().invoke(app, ["decode", str(tmp_path / "lat.pt"), str(tmp_path / "o.mkv"), "--vae",
                                       "random:wan2.1-tiny", "--device", "cuda", "--dtype", "fp32", "--codec", "ffv1",
-                                      "--pix-fmt", "rgb24", "-q"])
+                                      "--pix-fmt", "rgb24", "--exact", "-q"])
     assert result.exit_code == 0, result.output
     want = diffusers_frames(tiny_vae("random:wan2.1-tiny", torch.float32, "cuda"), z[None])
     assert np.array_equal(read_video(tmp_path / "o.mkv"), want)
