@@ -120,7 +120,7 @@ def test_cuda_exact_engine_equals_diffusers_decode_bit_for_bit(full_size, preset
     engine = Engine(vae, exact=True, chunk=chunk)
     assert torch.equal(_engine_video(engine, z), want), engine.fallbacks
     fast = Engine(vae, exact=False, chunk=chunk)
-    assert (_engine_video(fast, z).float() - want.float()).abs().max() <= (0.1 if dtype == torch.bfloat16 else 1e-3)
+    assert (_engine_video(fast, z).float() - want.float()).abs().max() <= (0.1 if dtype == torch.bfloat16 else 1e-2)
 
 
 def test_cuda_self_check_catches_a_broken_kernel_and_stays_exact(monkeypatch):
