@@ -125,33 +125,33 @@ class Manifest:
         return sorted(found)
 
     def latest(self) -> dict[str, dict]:
-        """The newest record of each output, from the manifest and every part (torn last lines are ignored)."""
+        """The newest record of each output, from the manifest and every part (lines torn by a crash are ignored;
+        a file that is not a manifest at all is bad input, never appended to)."""
         latest: dict[str, dict] = {}
         for path in (self.path, *self.parts()):
-            try:
-                lines = path.read_text(encoding="utf-8").splitlines()
-            except FileNotFoundError:
-                continue
-            for line in lines:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by a crash
-                if not isinstance(record, dict) or not isinstance(record.get("output"), str):
-                    continue
+            for record in _records(path):
                 old = latest.get(record["output"])
                 if old is None or record.get("time", 0) >= old.get("time", 0):
                     latest[record["output"]] = record
         return latest
 
+    def open(self) -> None:
+        """Open the file this process appends to (before any job, so that an unwritable one is bad input)."""
+        with self._lock:
+            if self._file is None and not self._closed:
+                try:
+                    self.target.parent.mkdir(parents=True, exist_ok=True)
+                    self._file = open(self.target, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+                except OSError as e:
+                    raise BadInput(f"cannot write the manifest {str(self.target)!r} ({e.strerror}): pass --manifest"
+                                   " with a path in a writable folder") from None
+
     def write(self, record: dict) -> None:
         line = json.dumps(record, separators=(",", ":")) + "\n"
+        self.open()
         with self._lock:
             if self._closed:
                 return
-            if self._file is None:
-                self.target.parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(self.target, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
             self._file.write(line)
             self._file.flush()
             if record.get("status") != "running":
@@ -177,6 +177,36 @@ class Manifest:
         os.replace(tmp, self.path)
         for part in parts:
             part.unlink(missing_ok=True)
+
+
+def _records(path: Path) -> list[dict]:
+    """The records in one manifest file (none if it does not exist). Lines torn by a crash (cut short, NUL-filled)
+    are skipped; a file with complete lines none of which is a record, or that is not UTF-8 text, is not ours."""
+    fix = "pass --manifest with another path, or move the file away to start a new manifest (done jobs then run again)"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return []
+    except IsADirectoryError:
+        raise BadInput(f"the manifest {str(path)!r} is a folder: pass --manifest with a file path, such as"
+                       f" {str(path / 'batch.manifest.jsonl')!r}") from None
+    except OSError as e:
+        raise BadInput(f"cannot read the manifest {str(path)!r} ({e.strerror}): {fix}") from None
+    except UnicodeDecodeError as e:
+        raise BadInput(f"the manifest {str(path)!r} is not a vaepipe manifest (not UTF-8 text, byte {e.start}):"
+                       f" {fix}") from None
+    records, complete = [], 0
+    for line in text.splitlines(keepends=True):
+        complete += line.endswith("\n") and bool(line.strip("\0 \t\r\n"))
+        try:
+            record = json.loads(line.strip("\0"))
+        except ValueError:
+            continue  # a line cut short by a crash
+        if isinstance(record, dict) and isinstance(record.get("output"), str):
+            records.append(record)
+    if complete and not records:
+        raise BadInput(f"the manifest {str(path)!r} is not a vaepipe manifest (no line of it is a job record): {fix}")
+    return records
 
 
 def settings(spec: JobSpec) -> dict:
@@ -241,6 +271,7 @@ class BatchRun:
     # -- the run -------------------------------------------------------------------------------------------
     def run(self) -> dict:
         self._records = self.manifest.latest()
+        self.manifest.open()
         self._start_row()
         prefetch = ThreadPoolExecutor(1, thread_name_prefix="vaepipe-prefetch")
         finisher = ThreadPoolExecutor(1, thread_name_prefix="vaepipe-finish")
@@ -297,6 +328,7 @@ class BatchRun:
         t = time.perf_counter()
         samples: list[Future] = []
         error = None
+        loaded = self.session.load_s
         try:
             job = self.session.prepare(fetched.latents, spec.output, self._decode_options(spec), spec.encode)
             for streamed in self.session.stream(job):
@@ -314,8 +346,10 @@ class BatchRun:
             error = str(e) if isinstance(e, VaepipeError) else f"{type(e).__name__}: {e}"
             del e
             self._free()
+        # The VAE's load (in the first job that uses it) is reported apart from the job's wall time.
+        load_s = self.session.load_s - loaded
         # After the samples on the one finish thread, so their results are in when it runs.
-        return finisher.submit(self._complete, spec, samples, error, t, fetched.read_s)
+        return finisher.submit(self._complete, spec, samples, error, t + load_s, fetched.read_s, load_s)
 
     def _finish_sample(self, streamed: Streamed, job) -> dict:
         try:
@@ -328,7 +362,7 @@ class BatchRun:
         return out
 
     def _complete(self, spec: JobSpec, samples: list[Future], error: str | None, started: float,
-                  read_s: float) -> None:
+                  read_s: float, load_s: float) -> None:
         outputs = []
         for sample in samples:
             try:
@@ -336,10 +370,10 @@ class BatchRun:
             except Exception as e:  # noqa: BLE001 - recorded as the job's error
                 error = error or (str(e) if isinstance(e, VaepipeError) else f"{type(e).__name__}: {e}")
         if error is None:
-            self._record(spec, "done", outputs=outputs, started=started, read_s=read_s)
+            self._record(spec, "done", outputs=outputs, started=started, read_s=read_s, load_s=load_s)
         else:
             self._record(spec, "interrupted" if self.interrupted else "failed", error=error, outputs=outputs,
-                         started=started, read_s=read_s)
+                         started=started, read_s=read_s, load_s=load_s)
 
     def _free(self) -> None:
         """After a failure (an OOM above all): drop what the job held, so the next one starts clean."""
@@ -356,7 +390,7 @@ class BatchRun:
 
     # -- records and progress --------------------------------------------------------------------------------
     def _record(self, spec: JobSpec, status: str, *, error: str | None = None, outputs: list[dict] | None = None,
-                started: float | None = None, read_s: float = 0.0) -> None:
+                started: float | None = None, read_s: float = 0.0, load_s: float = 0.0) -> None:
         outputs = outputs or []
         busy = {lane: round(sum(o["busy_s"][lane] for o in outputs), 4) for lane in LANES}
         record = {
@@ -366,7 +400,7 @@ class BatchRun:
                       for o in outputs],
             "bytes": sum(o["bytes"] for o in outputs),
             "sha256": outputs[0]["sha256"] if len(outputs) == 1 else None,
-            "timings": {"read_s": round(read_s, 4),
+            "timings": {"read_s": round(read_s, 4), "load_s": round(load_s, 4),
                         "wall_s": round(time.perf_counter() - started, 4) if started else None, "busy_s": busy},
             "settings": settings(spec), "rank": self.world.rank, "world_size": self.world.size,
             "host": os.uname().nodename, "pid": os.getpid(), "time": time.time(), "vaepipe": __version__,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import signal
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 
 from . import __version__
@@ -15,6 +17,13 @@ from .encode import CODECS, EncodeOptions
 from .errors import BadInput, VaepipeError
 from .progress import Reporter
 from .runner import DecodeOptions, Session
+from .stop import MESSAGE, exit_interrupted, terminate
+
+# What a command turns into a sentence and an exit code. Running out of memory should not happen before the decode
+# (sizes are checked before anything of their size is allocated), but where it does (bench's whole-clip naive decode,
+# a GPU that other work filled meanwhile) it is a failure to report, not a traceback.
+STOPS = (VaepipeError, KeyboardInterrupt, MemoryError, torch.OutOfMemoryError)
+_told_interrupted = False
 
 app = typer.Typer(
     name="vaepipe",
@@ -42,11 +51,18 @@ def fail(error: BaseException, reporter: Reporter | None = None) -> typer.Exit:
     """Show an error as one sentence on stderr and give the exit code: 2 bad input, 1 failure, 130 Ctrl-C."""
     from rich.console import Console
 
+    global _told_interrupted
     console = reporter.progress.console if reporter and not reporter.quiet else Console(stderr=True)
     if isinstance(error, KeyboardInterrupt):
-        console.print("[red]interrupted[/]: no partial output was left behind")
+        console.print(MESSAGE, style="red", highlight=False, markup=False)
+        _told_interrupted = True
         return typer.Exit(130)
-    console.print(f"error: {error}", style="red", highlight=False, markup=False)
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else "an allocation failed"
+        error = VaepipeError(f"out of memory ({detail}): free memory, or decode smaller latents")
+    # Control characters (from a file name, say) are shown escaped, never sent to the terminal.
+    text = re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", lambda m: repr(m.group())[1:-1], str(error))
+    console.print(f"error: {text}", style="red", highlight=False, markup=False)
     return typer.Exit(error.exit_code)
 
 
@@ -127,7 +143,7 @@ def decode(
             job = session.prepare(latents, output, options, encode)
             outputs = session.run(job)
         reporter.summary({"outputs": outputs, "load_s": round(session.load_s, 3)})
-    except (VaepipeError, KeyboardInterrupt) as e:
+    except STOPS as e:
         raise fail(e, reporter) from None
 
 
@@ -193,7 +209,7 @@ def batch(
                 _print_batch(summary, reporter)
 
         summary = runs.run(cfg, options, reporter, show)
-    except (VaepipeError, KeyboardInterrupt) as e:
+    except STOPS as e:
         raise fail(e, reporter) from None
     if summary["jobs"]["failed"]:
         raise typer.Exit(1)
@@ -270,7 +286,7 @@ def make_latents(
 
     try:
         shape = write_synthetic(output, size=size, channels=channels, batch=batch, fps=fps, seed=seed)
-    except VaepipeError as e:
+    except STOPS as e:
         raise fail(e) from None
     typer.echo(f"wrote {output}: latents {list(shape)} at {fps:g} fps", err=True)
 
@@ -293,6 +309,11 @@ def info(json_out: Json = False) -> None:
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         p = torch.cuda.get_device_properties(i)
         facts["gpus"].append({"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1)})
+    if not facts["gpus"]:
+        facts["gpu_note"] = ("none: this PyTorch is a CPU-only build; vaepipe runs on the CPU (install a CUDA build"
+                             " of torch to use an NVIDIA GPU)" if torch.version.cuda is None else
+                             f"none: PyTorch (CUDA {torch.version.cuda}) sees no CUDA GPU; vaepipe runs on the CPU"
+                             " (check nvidia-smi and CUDA_VISIBLE_DEVICES)")
     try:
         facts["ffmpeg"] = ffmpeg_exe()
     except VaepipeError as e:
@@ -304,8 +325,10 @@ def info(json_out: Json = False) -> None:
         return
     for key in ("vaepipe", "python", "torch", "cuda", "diffusers", "ffmpeg"):
         typer.echo(f"{key:>10}: {facts[key]}")
-    for gpu in facts["gpus"] or [{"index": "-", "name": "none visible to PyTorch", "memory_gib": 0}]:
+    for gpu in facts["gpus"]:
         typer.echo(f"{'gpu':>10}: {gpu['index']} {gpu['name']} {gpu['memory_gib']} GiB")
+    if not facts["gpus"]:
+        typer.echo(f"{'gpu':>10}: {facts['gpu_note']}")
     for name, e in facts["encoders"].items():
         state = "works" if e["works"] else f"fails ({e['detail']})"
         typer.echo(f"{name:>10}: {e['encoder']}: {state}")
@@ -362,16 +385,19 @@ def bench(
                                content=("natural", "noise") if content == "both" else (content,),
                                encoders=tuple(e.strip() for e in encoders.split(",") if e.strip()))
         report = run_bench(options, reporter)
-    except (VaepipeError, KeyboardInterrupt) as e:
+    except STOPS as e:
         raise fail(e, reporter) from None
     print_table(report, reporter)
     reporter.log(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
 
 
-def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM takes the same clean-up path as Ctrl-C
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
-    app()
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        app()
+    except SystemExit as e:
+        if e.code == 130:  # a command stopped by Ctrl-C, its clean-up done
+            exit_interrupted(told=_told_interrupted)
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C while typer itself was stopping
+        exit_interrupted(told=_told_interrupted)

@@ -214,8 +214,10 @@ class _Checker:
         return [(latents, self.resolve(entry["output"]))]
 
     def expand(self, where: str, pattern: str, output_dir: str, suffix: str) -> list[tuple[Path, Path]]:
-        if not isinstance(suffix, str) or not suffix.startswith("."):
-            self.problem(f"{where}.suffix must start with a dot, such as \".mp4\", got {suffix!r}")
+        # A suffix ends a file name in output_dir: no folders in it, so no job writes outside output_dir.
+        if not isinstance(suffix, str) or not suffix.startswith(".") or any(c in suffix for c in "/\\\0"):
+            self.problem(f"{where}.suffix must be the end of a file name, a dot and no folders, such as \".mp4\","
+                         f" got {suffix!r}")
             return []
         matches = sorted(Path(p) for p in glob.glob(str(self.resolve(pattern)), recursive=True))
         matches = [p for p in matches if p.is_file()]

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 import uuid
 from dataclasses import dataclass
@@ -124,8 +125,16 @@ class EncodeOptions:
             raise BadInput(f"preset must be one of {', '.join(X264_PRESETS)}, got {self.preset!r}")
         if self.pix_fmt is not None and self.pix_fmt not in PIX_FMTS:
             raise BadInput(f"pix_fmt must be one of {', '.join(PIX_FMTS)}, got {self.pix_fmt!r}")
-        if not 0 <= self.crf <= 63:
-            raise BadInput(f"crf must be in 0..63, got {self.crf}")
+        top = CODECS[self.codec].crf_max if self.codec else None
+        if top is not None and not 0 <= self.crf <= top:
+            raise BadInput(f"crf must be in 0..{top} for {self.codec}, got {self.crf}")
+        if not 0 <= self.crf <= 63:  # the codec may come from the extension later: every codec's range at once
+            ranges: dict[int, list[str]] = {}
+            for name, spec in CODECS.items():
+                if spec.crf_max is not None:
+                    ranges.setdefault(spec.crf_max, []).append(name)
+            allowed = "; ".join(f"0..{top} for {', '.join(names)}" for top, names in ranges.items())
+            raise BadInput(f"crf must be in {allowed}, got {self.crf}")
         if self.fps is not None and not 0 < self.fps <= 1000:
             raise BadInput(f"fps must be in (0, 1000], got {self.fps}")
         if self.audio is not None:
@@ -213,6 +222,38 @@ def plan_encode(dest: str | os.PathLike, *, width: int, height: int, fps: float,
                       encoders=options.encoders)
 
 
+def check_frame_size(plan: EncodePlan) -> None:
+    """Frames larger than every encoder takes (4096 on a side) are tried on this one first: x264 stops at 16384,
+    SVT-AV1's height at 8704, and a hostile latents file should not cost a long decode that ffmpeg then refuses.
+    Call after the memory check: the probe makes one such frame."""
+    h, w, _ = plan.frame_shape
+    if max(w, h) <= 4096:
+        return
+    encoder = CODECS[plan.codec].encoder
+    ok, why = probe_encoder(encoder, (w, h), plan.pix_fmt)
+    if not ok:
+        why = re.sub(r"\[[^\]]* @ 0x[0-9a-f]+\]\s*", "", why)  # ffmpeg's "[enc:libx264 @ 0x55…]" prefixes
+        raise BadInput(f"{encoder} cannot encode frames of {w}x{h} ({why}): decode smaller latents, or choose a codec"
+                       " that takes larger frames (--codec vp9 up to 65536, ffv1, png)")
+
+
+def check_writable(dest: str | os.PathLike) -> None:
+    """Fail before any work where `dest` cannot be written: its temporary file goes in a folder that must be
+    writable, or be creatable in the nearest folder that exists. Tried with a real file, which is what counts (a
+    read-only mount, a folder that is a file, permissions that root ignores but a file system does not)."""
+    folder = Path(os.path.abspath(_temp_home(Path(dest))[0]))
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise BadInput(f"cannot write {str(dest)!r}: {str(existing)!r} is a file, not a folder; choose another output")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".vaepipe-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise BadInput(f"cannot write {str(dest)!r}: the folder {str(existing)!r} is not writable ({e.strerror});"
+                       " choose another output folder or change its permissions") from None
+
+
 def ffmpeg_exe() -> str:
     """The ffmpeg that imageio-ffmpeg resolves (IMAGEIO_FFMPEG_EXE first, then its bundled binary)."""
     try:
@@ -224,10 +265,12 @@ def ffmpeg_exe() -> str:
 
 
 @functools.cache
-def probe_encoder(encoder: str) -> tuple[bool, str]:
-    """Encode one real frame: listed encoders (NVENC on an H100, say) can still lack the hardware behind them."""
+def probe_encoder(encoder: str, size: tuple[int, int] = (256, 256), pix_fmt: str | None = None) -> tuple[bool, str]:
+    """Encode one real frame: listed encoders (NVENC on an H100, say) can still lack the hardware behind them, and
+    each has its own largest frame. `size` is (width, height)."""
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-f", "lavfi",
-           "-i", "color=c=gray:s=256x256:r=1", "-frames:v", "1", "-c:v", encoder, "-f", "null", "-"]
+           "-i", f"color=c=gray:s={size[0]}x{size[1]}:r=1", "-frames:v", "1", "-c:v", encoder,
+           *(["-pix_fmt", pix_fmt] if pix_fmt else []), "-f", "null", "-"]
     try:
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:

@@ -3,15 +3,20 @@ before any GPU work."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import pickle
+import re
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import BadInput
+from .memory import gib, host_available
 
 SUFFIXES = (".pt", ".pth", ".safetensors", ".npy", ".latent")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -30,6 +35,8 @@ class Latents:
     """What made them, as stored beside them (prompt, seed, model…): written into the video's tags."""
     raw: bool = False
     """Already in the VAE's own space (ComfyUI's): never denormalised."""
+    fps_error: str | None = None
+    """Why the stored fps was not usable (None: it was, or there was none); an error only where no fps is given."""
 
     def num_frames(self, temporal_factor: int) -> int:
         """Frames a causal video VAE makes of T latent frames: the first gives one, each later one `temporal_factor`."""
@@ -53,23 +60,25 @@ def read_latents(path: str | Path) -> Latents:
         elif suffix == ".latent":
             tensor, metadata = _from_comfyui(path)
         else:
-            import numpy as np
-
-            tensor = torch.from_numpy(np.load(path, allow_pickle=False))
+            tensor = _from_numpy(path)
+        tensor = _checked(tensor, path)
     except pickle.UnpicklingError as e:
-        raise BadInput(f"refused to load {str(path)!r}: it holds Python objects other than tensors, and loading"
-                       f" them could run code ({str(e).splitlines()[0]}); save plain tensors") from None
+        raise BadInput(f"refused to load {str(path)!r}: it holds Python objects other than tensors{_named(e)}, and"
+                       " loading them could run code; save plain tensors (a tensor, or a dict of tensors and"
+                       " numbers)") from None
     except BadInput:
         raise
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
-        raise BadInput(f"could not read latents from {str(path)!r}: the file is truncated or not a"
-                       f" {suffix} file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if fps is not None and not 0 < fps <= 1000:  # also NaN
-        raise BadInput(f"{str(path)!r}: the stored fps must be in (0, 1000], got {fps}; pass --fps to override")
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, MemoryError) as e:
+        if "allocate" in str(e).lower():  # sizes are checked first, so only when memory ran short meanwhile
+            raise BadInput(f"{str(path)!r}: not enough memory to read these latents here ({_first_line(e)}): free"
+                           " memory, or split them into smaller files") from None
+        raise BadInput(f"could not read latents from {str(path)!r}: the file is truncated or not a {suffix} file"
+                       f" ({_first_line(e)})") from None
+    fps, fps_error = _stored_fps(fps, path)
     settings = _settings(metadata, path)
     metadata = {k: v for k, v in metadata.items() if k not in settings}
-    return Latents(tensor=_checked(tensor, path), fps=fps, path=path, decode_settings=settings, metadata=metadata,
-                   raw=suffix == ".latent")
+    return Latents(tensor=tensor, fps=fps, path=path, decode_settings=settings, metadata=metadata,
+                   raw=suffix == ".latent", fps_error=fps_error)
 
 
 def from_tensor(tensor, *, name: str = "latents") -> Latents:
@@ -78,23 +87,138 @@ def from_tensor(tensor, *, name: str = "latents") -> Latents:
         what = type(tensor).__name__
         raise BadInput(f"latents must be a torch.Tensor [B, C, T, H, W], got a {what}: call the pipeline with"
                        ' output_type="latent" and pass its .frames')
+    _check_form(name, tensor.shape, tensor.dtype)  # already in memory: nothing of their size to read
     return Latents(tensor=_checked(tensor.detach(), Path(name)), fps=None, path=Path(name))
 
 
-def _from_torch(path: Path) -> tuple[torch.Tensor, float | None, dict]:
+def _first_line(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours some of its messages
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _named(e: pickle.UnpicklingError) -> str:
+    """The Python object a refused pickle names (torch's message is long, coloured and about other things)."""
+    found = re.search(r"GLOBAL (\S+)", str(e))
+    return f" ({found.group(1).rstrip('.')})" if found else ""
+
+
+def _stored_fps(value, path: Path) -> tuple[float | None, str | None]:
+    """The stored fps as a number in (0, 1000], or None with the reason (a bad one only matters without --fps)."""
+    if value is None:
+        return None, None
+    try:
+        fps = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    except (ValueError, OverflowError):
+        fps = None
+    if fps is not None and 0 < fps <= 1000:  # also false for NaN
+        return fps, None
+    return None, (f"{str(path)!r}: the stored fps must be a number in (0, 1000], got {value!r:.40}; pass --fps to"
+                  " override it")
+
+
+def _check_form(name: str, shape, dtype: torch.dtype | str) -> tuple[int, ...]:
+    """A float dtype, [C, T, H, W] or [B, C, T, H, W], no empty dimension."""
+    shape = tuple(int(n) for n in shape)
+    if dtype not in _FLOATS:
+        raise BadInput(f"{name!r}: latents must be float32, float16 or bfloat16, got"
+                       f" {str(dtype).removeprefix('torch.')}")
+    if len(shape) not in (4, 5):
+        raise BadInput(f"{name!r}: latents must be [C, T, H, W] or [B, C, T, H, W], got shape {list(shape)}")
+    if min(shape) < 1:
+        raise BadInput(f"{name!r}: latents have an empty dimension, shape {list(shape)}")
+    return shape
+
+
+def check_declared(name: str, shape, dtype: torch.dtype | str, *,
+                   fix: str = "if the file is not damaged, split it into smaller files") -> None:
+    """Latents' declared shape and dtype (from a file's header, before anything of that size is read or allocated):
+    `_check_form`, and room in host memory to read them."""
+    shape = _check_form(name, shape, dtype)
+    size = math.prod(shape) * dtype.itemsize
+    have = host_available()
+    if 3 * size > have:  # read, made dense and checked: about three copies at once
+        raise BadInput(f"{name!r}: latents of shape {list(shape)} {str(dtype).removeprefix('torch.')} take"
+                       f" {gib(size)}, too much for the {gib(have)} of memory available here: {fix}")
+
+
+def _from_torch(path: Path) -> tuple[torch.Tensor, object, dict]:
+    # torch.save writes a zip archive; torch.load allocates each entry at its declared unpacked size, and the legacy
+    # format at sizes its header declares: only the zip format is read, after its sizes are checked.
+    if not zipfile.is_zipfile(path):
+        raise BadInput(f"could not read latents from {str(path)!r}: the file is truncated, not a .pt file, or in"
+                       " PyTorch's legacy format (before 1.6), which vaepipe does not read: re-save it with"
+                       " torch.save")
+    with zipfile.ZipFile(path) as archive:
+        unpacked = sum(entry.file_size for entry in archive.infolist())
+    if 2 * unpacked > host_available():
+        raise BadInput(f"{str(path)!r} unpacks to {gib(unpacked)}, too much for the {gib(host_available())} of"
+                       " memory available here: if the file is not damaged, split it into smaller files")
     # weights_only: a hostile pickle is refused by torch's restricted unpickler instead of being executed.
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, torch.Tensor):
-        return obj, None, {}
+    with _parsing():
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    fps, metadata = None, {}
     if isinstance(obj, dict) and isinstance(obj.get("latents"), torch.Tensor):
-        fps = obj.get("fps")
-        if fps is not None and not isinstance(fps, (int, float)):
-            raise BadInput(f"{str(path)!r}: 'fps' must be a number, got {type(fps).__name__}")
         # Plain values beside the latents (prompt, seed, model…) say what made them; tensors and the fps do not.
         metadata = {k: v for k, v in obj.items() if k not in ("latents", "fps") and _is_plain(v)}
-        return obj["latents"], (float(fps) if fps is not None else None), metadata
-    raise BadInput(f"{str(path)!r} holds a {type(obj).__name__}, not latents: save a tensor, or a dict with a"
-                   " 'latents' tensor and an optional 'fps'")
+        obj, fps = obj["latents"], obj.get("fps")
+    elif not isinstance(obj, torch.Tensor):
+        raise BadInput(f"{str(path)!r} holds a {type(obj).__name__}, not latents: save a tensor, or a dict with a"
+                       " 'latents' tensor and an optional 'fps'")
+    if type(obj) not in (torch.Tensor, torch.nn.Parameter) or obj.layout != torch.strided or obj.device.type != "cpu":
+        raise BadInput(f"{str(path)!r} holds a {obj.layout} {type(obj).__name__} on {obj.device}, not plain latents:"
+                       " save a dense tensor (tensor.contiguous().cpu())")
+    check_declared(str(path), obj.shape, obj.dtype)
+    # Only now, with the size known to fit: stride-0 (expanded), overlapping or sliced tensors become dense.
+    return obj.detach().clone(memory_format=torch.contiguous_format), fps, metadata
+
+
+def _from_numpy(path: Path) -> torch.Tensor:
+    import numpy as np
+    from numpy.lib import format as npy
+
+    with open(path, "rb") as f, _parsing():
+        version = npy.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"unsupported .npy format version {version}")
+        shape, _, dtype = (npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0)(f)
+        data_at = f.tell()
+    native = {2: torch.float16, 4: torch.float32} if dtype.kind == "f" and dtype.fields is None else {}
+    check_declared(str(path), shape, native.get(dtype.itemsize, dtype.name))
+    need = math.prod(shape) * dtype.itemsize
+    if path.stat().st_size - data_at < need:
+        raise ValueError(f"its header declares {gib(need)} of data but it holds {gib(path.stat().st_size - data_at)}")
+    with _parsing():
+        array = np.load(path, allow_pickle=False)
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("=")))
+
+
+@contextlib.contextmanager
+def _parsing() -> Iterator[None]:
+    """Around a third-party parser reading a file that may be hostile: whatever it raises (numpy's header parser
+    raises tokenize and syntax errors, torch's unpickler type and index errors) is a damaged file."""
+    try:
+        yield
+    except (BadInput, pickle.UnpicklingError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the file's fault whatever the parser's error type
+        raise ValueError(_first_line(e)) from None
+
+
+def _number(text: str | None) -> float | str | None:
+    """Metadata holds strings: the number in one, or the string itself (which `_stored_fps` then refuses)."""
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return text
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _check_slice(f, key: str, name: str) -> None:
+    """A safetensors tensor's declared shape and dtype, before it is read."""
+    tensor = f.get_slice(key)
+    check_declared(name, tensor.get_shape(), _SAFETENSORS_DTYPES.get(tensor.get_dtype(), tensor.get_dtype()))
 
 
 def _is_plain(value) -> bool:
@@ -103,25 +227,19 @@ def _is_plain(value) -> bool:
     return isinstance(value, str | int | float | bool)
 
 
-def _from_safetensors(path: Path) -> tuple[torch.Tensor, float | None, dict]:
-    from safetensors import SafetensorError, safe_open
+def _from_safetensors(path: Path) -> tuple[torch.Tensor, object, dict]:
+    from safetensors import safe_open
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            key = "latents" if "latents" in keys else (keys[0] if len(keys) == 1 else None)
-            if key is None:
-                raise BadInput(f"{str(path)!r} holds tensors {keys}: name the latents 'latents'")
-            stored = f.metadata() or {}
-            fps = stored.get("fps")
-            # "format" is what safetensors writers note about themselves, not what made the latents.
-            metadata = {k: v for k, v in stored.items() if k not in ("fps", "format")}
-            try:
-                return f.get_tensor(key), (float(fps) if fps is not None else None), metadata
-            except ValueError:
-                raise BadInput(f"{str(path)!r}: the stored fps {fps!r} is not a number; pass --fps") from None
-    except SafetensorError as e:
-        raise ValueError(str(e)) from None
+    with _parsing(), safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        key = "latents" if "latents" in keys else (keys[0] if len(keys) == 1 else None)
+        if key is None:
+            raise BadInput(f"{str(path)!r} holds tensors {keys}: name the latents 'latents'")
+        stored = f.metadata() or {}
+        # "format" is what safetensors writers note about themselves, not what made the latents.
+        metadata = {k: v for k, v in stored.items() if k not in ("fps", "format")}
+        _check_slice(f, key, str(path))
+        return f.get_tensor(key), _number(stored.get("fps")), metadata
 
 
 def _settings(stored: dict, path: Path) -> dict[str, float]:
@@ -150,27 +268,25 @@ _COMFYUI_MARKER = "latent_format_version_"
 def _from_comfyui(path: Path) -> tuple[torch.Tensor, dict]:
     """A .latent from ComfyUI's SaveLatent: safetensors with `latent_tensor` and a `latent_format_version_0` marker,
     the workflow as JSON in the metadata (`prompt`: the graph it ran, `workflow`: the editor's)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     name = str(path)
-    try:
-        with safe_open(name, framework="pt") as f:
-            keys = set(f.keys())
-            stored = f.metadata() or {}
-            if "latent_tensor" not in keys:
-                raise BadInput(f"{name!r} is not a ComfyUI latent: it has no 'latent_tensor' (it holds"
-                               f" {sorted(keys)}); save it with ComfyUI's SaveLatent node")
-            versions = sorted(k.removeprefix(_COMFYUI_MARKER) for k in keys if k.startswith(_COMFYUI_MARKER))
-            if not versions:
-                raise BadInput(f"{name!r} has no latent_format_version_0 marker: it is a pre-2023 Stable Diffusion"
-                               " image latent, not a video one; save the video latents with a current ComfyUI")
-            if "0" not in versions:
-                raise BadInput(f"{name!r} is a ComfyUI latent of format version {', '.join(versions)}, which vaepipe"
-                               " does not know (it reads version 0): update vaepipe, or save it with SaveLatent"
-                               " from a ComfyUI that writes version 0")
-            tensor = f.get_tensor("latent_tensor")
-    except SafetensorError as e:
-        raise ValueError(str(e)) from None
+    with _parsing(), safe_open(name, framework="pt") as f:
+        keys = set(f.keys())
+        stored = f.metadata() or {}
+        if "latent_tensor" not in keys:
+            raise BadInput(f"{name!r} is not a ComfyUI latent: it has no 'latent_tensor' (it holds"
+                           f" {sorted(keys)}); save it with ComfyUI's SaveLatent node")
+        versions = sorted(k.removeprefix(_COMFYUI_MARKER) for k in keys if k.startswith(_COMFYUI_MARKER))
+        if not versions:
+            raise BadInput(f"{name!r} has no latent_format_version_0 marker: it is a pre-2023 Stable Diffusion"
+                           " image latent, not a video one; save the video latents with a current ComfyUI")
+        if "0" not in versions:
+            raise BadInput(f"{name!r} is a ComfyUI latent of format version {', '.join(versions)}, which vaepipe"
+                           " does not know (it reads version 0): update vaepipe, or save it with SaveLatent"
+                           " from a ComfyUI that writes version 0")
+        _check_slice(f, "latent_tensor", name)
+        tensor = f.get_tensor("latent_tensor")
     if tensor.dim() != 5:
         raise BadInput(f"{name!r} holds {tuple(tensor.shape)} latents: an image latent, not a video one (ComfyUI"
                        " video latents are [B, C, T, H, W])")
@@ -192,18 +308,13 @@ def _json_or_text(text: str):
 
 
 def _checked(t: torch.Tensor, path: Path) -> torch.Tensor:
-    name = str(path)
-    if t.dtype not in _FLOATS:
-        raise BadInput(f"{name!r}: latents must be float32, float16 or bfloat16, got {t.dtype}")
+    """Dense latents whose declared shape and dtype passed `check_declared`: [B, C, T, H, W], finite."""
     if t.dim() == 4:
         t = t.unsqueeze(0)
-    if t.dim() != 5:
-        raise BadInput(f"{name!r}: latents must be [C, T, H, W] or [B, C, T, H, W], got {tuple(t.shape) = }")
-    if min(t.shape) < 1:
-        raise BadInput(f"{name!r}: latents have an empty dimension, {tuple(t.shape) = }")
-    bad = (~torch.isfinite(t)).sum().item()
+    # In slices: isfinite's temporaries are several times their input, and a sum over bools widens to int64.
+    bad = sum(int(torch.isfinite(part).logical_not_().sum()) for part in t.reshape(-1).split(1 << 22))
     if bad:
-        raise BadInput(f"{name!r}: latents contain {bad} NaN or Inf values: the diffusion run that made them"
+        raise BadInput(f"{str(path)!r}: latents contain {bad} NaN or Inf values: the diffusion run that made them"
                        " diverged; regenerate them")
     return t
 
@@ -244,9 +355,9 @@ def parse_size(text: str, *, name: str = "size") -> tuple[int, int, int]:
     return height, width, frames
 
 
-def synthetic_latents(size: str, *, channels: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    """N(0, 1) latents [B, C, T, H, W] that decode to `size` (HEIGHTxWIDTHxFRAMES) for a Wan VAE of `channels` (16: 8x
-    spatial, 48: 16x spatial; 4x temporal), as a diffusers pipeline with output_type="latent" leaves them."""
+def synthetic_shape(size: str, *, channels: int, batch: int = 1) -> tuple[int, ...]:
+    """The shape [B, C, T, H, W] of latents that decode to `size` (HEIGHTxWIDTHxFRAMES) for a Wan VAE of `channels`
+    (16: 8x spatial, 48: 16x spatial; 4x temporal), checked to fit in memory before anything is allocated."""
     scale = {16: 8, 48: 16}.get(channels)
     if scale is None:
         raise BadInput(f"channels must be 16 (Wan 2.1) or 48 (Wan 2.2), got {channels}")
@@ -255,6 +366,13 @@ def synthetic_latents(size: str, *, channels: int, batch: int = 1, seed: int = 0
         raise BadInput(f"size {size} does not fit the VAE: height and width must be multiples of {scale}, frames"
                        " of the form 4k+1 (81, 121…)")
     shape = (batch, channels, 1 + (frames - 1) // 4, height // scale, width // scale)
+    check_declared(f"size {size}", shape, torch.float32, fix="use a smaller size")
+    return shape
+
+
+def synthetic_latents(size: str, *, channels: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """N(0, 1) latents of `synthetic_shape`, as a diffusers pipeline with output_type="latent" leaves them."""
+    shape = synthetic_shape(size, channels=channels, batch=batch)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 

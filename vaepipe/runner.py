@@ -12,10 +12,11 @@ import torch
 from . import __version__
 from . import engine as engines
 from .decode import decode_stream
-from .encode import EncodeOptions, EncodePlan, Encoder, plan_encode
+from .encode import EncodeOptions, EncodePlan, Encoder, check_frame_size, check_writable, plan_encode
 from .errors import BadInput, VaepipeError
 from .families import PRESET_NAMES, DecodeSettings, default_repo, preset_channels
 from .latents import Latents, check_for_vae, read_latents
+from .memory import check_decode_fits
 from .mux import probe_audio, with_mux
 from .pipeline import Buffers, Jitter, LaneStats, Progress, run_lanes
 from .progress import Reporter
@@ -143,10 +144,13 @@ class Session:
             PRESETS[src][0].check(None, tuple(latents.tensor.shape), str(latents.path), preset_channels(src))
             check_for_vae(latents, preset_channels(src))
         b, _, _, h, w = latents.tensor.shape
+        if encode.fps is None and latents.fps_error:  # a bad stored fps matters only where no fps is given
+            raise BadInput(latents.fps_error)
         fps = encode.fps or latents.fps or DEFAULT_FPS
         outputs = output_paths(output, b)
-        for o in outputs:  # container, codec and pixel format, before the VAE is loaded (sizes come after)
+        for o in outputs:  # container, codec, pixel format and a writable folder, before the VAE is loaded
             plan_encode(o, width=16, height=16, fps=fps, options=encode)
+            check_writable(o)
         audio = probe_audio(encode.audio) if encode.audio else None
         if options.fast:
             self.reporter.log("note: --fast is the default on GPUs now (vaepipe's engine); the flag changes nothing")
@@ -158,12 +162,33 @@ class Session:
         check_for_vae(latents, vae.z_dim)
         scale = vae.family.spatial_factor(vae.model)
         plans = [plan_encode(o, width=w * scale, height=h * scale, fps=fps, options=encode) for o in outputs]
+        self._check_fits(vae, plans[0], options, latents)
+        check_frame_size(plans[0])
         plans = with_mux(plans, encode, audio=audio, recorded=latents.metadata,
                          frames=vae.family.num_frames(vae.model, latents.tensor.shape[2]))
         if plans[0].pad_right or plans[0].pad_bottom:
             self.reporter.log(f"frames are {w * scale}x{h * scale}: padding to even sizes for {plans[0].pix_fmt}"
                               " by repeating the last column/row (not rescaled)")
         return Job(latents=latents, vae=vae, plans=plans, options=options)
+
+    def _check_fits(self, vae: LoadedVae, plan: EncodePlan, options: DecodeOptions, latents: Latents) -> None:
+        """The lane buffers and a floor on the decoder's working memory, against what the device has (one latent
+        frame per call: the engine takes more only where they fit); the buffers this session holds are freed
+        before new ones are made, so they count as available."""
+        config = vae.model.config
+        # Channels per output pixel at the decoder's last, full-resolution stage, spread over its patch (Wan 2.2,
+        # LTX); a narrow guess for configs that name it otherwise keeps this a floor.
+        widths = config.get("decoder_block_out_channels") or config.get("block_out_channels") or [8]
+        width = config.get("decoder_base_dim") or config.get("base_dim") or widths[0]
+        patch = config.get("patch_size")
+        width /= (patch if isinstance(patch, int) else 1) ** 2
+        held = tuple(sum(t.numel() for t in ts) for ts in (self.buffers.vram, self.buffers.host))
+        factor = vae.temporal_factor
+        whole = vae.family.streams_for(vae.model) == "whole"  # all frames in one call
+        check_decode_fits(frame_shape=plan.frame_shape, frames_per_chunk=(options.chunk or 1) * factor,
+                          frames_per_call=vae.family.num_frames(vae.model, latents.tensor.shape[2]) if whole
+                          else factor, k=1 if options.sync else options.buffers, device=vae.device, dtype=vae.dtype,
+                          width=width, latent_numel=latents.tensor[0].numel(), held=held)
 
     def run(self, job: Job, *, jitter: Jitter | None = None) -> list[dict]:
         """Decode every sample of `job` to its output; return one summary per output."""

@@ -117,9 +117,13 @@ def _from_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
             if cls is None or not class_name.startswith("Autoencoder"):
                 continue  # a pipeline's model_index.json sits beside other configs; look in vae/
             try:
-                return cls.from_pretrained(candidate, torch_dtype=dtype, local_files_only=True)
+                model, info = cls.from_pretrained(candidate, torch_dtype=dtype, local_files_only=True,
+                                                  output_loading_info=True, ignore_mismatched_sizes=True)
             except (OSError, ValueError, RuntimeError) as e:
-                raise BadInput(f"could not load the VAE in {candidate}: {e}") from None
+                raise BadInput(f"could not load the VAE in {candidate}: {_first_line(e)}") from None
+            check_weights(model, str(candidate), missing=info["missing_keys"], unexpected=info["unexpected_keys"],
+                          mismatched=info["mismatched_keys"])
+            return model
     raise BadInput(f"{folder} holds no diffusers VAE: expected config.json of an Autoencoder* class there or in"
                    " vae/; pass the VAE folder or the pipeline folder")
 
@@ -136,10 +140,84 @@ def _from_single_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     config = {"_class_name": "AutoencoderKLWan", **(families.wan.WAN22 if z_dim == 48 else {})}
     with tempfile.TemporaryDirectory(prefix="vaepipe-config-") as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config))
+        _check_single_file(path, tmp)
         try:
-            return AutoencoderKLWan.from_single_file(str(path), config=tmp, torch_dtype=dtype, local_files_only=True)
+            model = AutoencoderKLWan.from_single_file(str(path), config=tmp, torch_dtype=dtype, local_files_only=True)
         except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise BadInput(f"could not load {path} as a Wan VAE checkpoint: {e}") from None
+            raise BadInput(f"could not load {path} as a Wan VAE checkpoint: {_first_line(e)}") from None
+    check_weights(model, str(path))
+    return model
+
+
+def _check_single_file(path: Path, config_dir: str) -> None:
+    """The file's tensor names and shapes, mapped as diffusers' single-file loader maps them, against the model the
+    config makes: all on the meta device, from the file's header, before any weight is read. (The loader itself
+    leaves missing parameters at their random initial values, and lists every mismatch on a line of its own.)"""
+    from diffusers import AutoencoderKLWan
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    with torch.device("meta"):
+        model = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(config_dir))
+    expected = model.state_dict()
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                found = {name: torch.empty(f.get_slice(name).get_shape(), device="meta") for name in f.keys()}
+        else:
+            found = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+            while isinstance(found, dict) and isinstance(found.get("state_dict"), dict):
+                found = found["state_dict"]
+            found = {k: v for k, v in found.items() if isinstance(v, torch.Tensor)}
+        if found.keys() != expected.keys():  # not diffusers' names: map them as from_single_file would
+            convert = SINGLE_FILE_LOADABLE_CLASSES["AutoencoderKLWan"]["checkpoint_mapping_fn"]
+            found = convert(config=dict(model.config), checkpoint=found)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same user error
+        raise BadInput(f"could not read {path} as a checkpoint: {_first_line(e)}") from None
+    shared = expected.keys() & found.keys()
+    check_weights(model, str(path), missing=expected.keys() - found.keys(), unexpected=found.keys() - expected.keys(),
+                  mismatched=[(k, tuple(found[k].shape), tuple(expected[k].shape)) for k in shared
+                              if found[k].shape != expected[k].shape])
+
+
+def check_weights(model: torch.nn.Module, source: str, *, missing=(), unexpected=(), mismatched=()) -> None:
+    """Refuse (BadInput) weights that do not make this VAE: parameters the file lacks (diffusers only logs them and
+    leaves them uninitialised or random: a partial download would decode to garbage), tensors in the file that are
+    not its parameters, tensors of another shape, or NaN/Inf values. Meta tensors are not checked for values."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    problems = []
+    if missing:
+        problems.append(f"parameters missing from the file: {len(missing)} of {len(tensors)} ({_first(missing)})")
+    if unexpected:
+        problems.append(f"tensors in the file that are not its parameters: {len(unexpected)} ({_first(unexpected)})")
+    if mismatched:
+        shown = ", ".join(f"{k} is {list(a)}, not {list(b)}" for k, a, b in sorted(mismatched)[:2])
+        problems.append(f"tensors of another shape in the file: {len(mismatched)} ({shown}"
+                        f"{', …' if len(mismatched) > 2 else ''})")
+    hint = "re-download them (a download cut short leaves tensors out), or pass the checkpoint of this VAE"
+    if not problems:
+        bad = [name for name, t in tensors.items() if t.device.type != "meta" and t.is_floating_point()
+               and not bool(torch.isfinite(t).all())]
+        if bad:
+            problems.append(f"parameters holding NaN or Inf: {len(bad)} of {len(tensors)} ({_first(bad)})")
+            if any(t.dtype == torch.float16 for t in tensors.values()):
+                hint = "in float16 these may be values beyond its range: try --dtype bf16; else " + hint
+    if problems:
+        raise BadInput(f"the VAE weights in {source} do not fit its config ({type(model).__name__}): "
+                       + "; ".join(problems) + f": {hint}")
+
+
+def _first(names, n: int = 2) -> str:
+    names = sorted(names)
+    return ", ".join(names[:n]) + (", …" if len(names) > n else "")
+
+
+def _first_line(e: BaseException) -> str:
+    """diffusers and torch errors can run to hundreds of lines (one per tensor): their first line, cut short."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line if len(line) <= 300 else line[:300] + "…"
 
 
 def _checkpoint_z_dim(path: Path) -> int:

@@ -145,7 +145,8 @@ def naive_job(vae: LoadedVae, z: torch.Tensor, dest: Path, natural: np.ndarray |
         if natural is not None:
             frames = natural
         t2 = time.perf_counter()
-        export_to_video(frames, str(part), fps=int(DEFAULT_FPS))
+        # macro_block_size=1: imageio would otherwise resize frames to multiples of 16 (a different video).
+        export_to_video(frames, str(part), fps=int(DEFAULT_FPS), macro_block_size=1)
         os.replace(part, dest)
         t3 = time.perf_counter()
     finally:

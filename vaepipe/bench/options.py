@@ -6,8 +6,11 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..encode import CODECS, EncodeOptions, plan_encode
 from ..errors import BadInput
+from ..families import PRESETS, synthetic_shape
 from ..latents import parse_size
 from ..runner import DEFAULT_FPS, DecodeOptions
 from .content import CONTENTS, photograph_folder
@@ -79,6 +82,12 @@ class BenchOptions:
             raise BadInput(f"shapes must be distinct HEIGHTxWIDTHxFRAMES values, got {','.join(self.shapes)!r}")
         for shape in self.shapes:
             Shape.parse(shape)
+        if self.vae in PRESETS:  # a preset's sizes are known: check the shapes fit it before it loads
+            family, config = PRESETS[self.vae]
+            with torch.device("meta"):
+                model = family.build(config)
+            for shape in self.shapes:
+                synthetic_shape(model, shape)
         if not self.content or any(c not in CONTENTS for c in self.content) or len(set(self.content)) < len(
                 self.content):
             raise BadInput(f"content must be natural, noise or both, got {','.join(self.content)!r}")

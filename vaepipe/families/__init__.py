@@ -29,7 +29,7 @@ PRESET_NAMES = ", ".join(name.removeprefix("random:") for name in PRESETS if not
 """For messages: the preset stems, each also with -tiny."""
 
 __all__ = ["FAMILIES", "PRESETS", "PRESET_NAMES", "DecodeSettings", "Family", "default_repo", "family_of",
-           "preset_channels", "synthetic_latents"]
+           "preset_channels", "synthetic_latents", "synthetic_shape"]
 
 
 def family_of(vae: torch.nn.Module) -> Family:
@@ -60,7 +60,13 @@ def default_repo(channels: int) -> str:
 def synthetic_latents(vae: torch.nn.Module, size: str, *, seed: int = 0) -> torch.Tensor:
     """N(0, 1) latents [1, C, T, H, W] that `vae` decodes to `size` (HEIGHTxWIDTHxFRAMES), as its pipeline leaves
     them with output_type="latent"; for benchmarks."""
-    from ..latents import parse_size
+    return torch.randn(synthetic_shape(vae, size), generator=torch.Generator().manual_seed(seed))
+
+
+def synthetic_shape(vae: torch.nn.Module, size: str) -> tuple[int, ...]:
+    """The shape of `synthetic_latents`, checked to fit in memory before anything is allocated; `vae` may be on the
+    meta device (a preset's, to check a size before the real one loads)."""
+    from ..latents import check_declared, parse_size
 
     family = family_of(vae)
     height, width, frames = parse_size(size)
@@ -71,4 +77,5 @@ def synthetic_latents(vae: torch.nn.Module, size: str, *, seed: int = 0) -> torc
         raise BadInput(f"size {size} does not fit the VAE ({family.label}): height and width must be multiples of"
                        f" {scale}, frames a count it decodes to ({fits}…)")
     shape = (1, family.z_dim(vae), latent_frames, height // scale, width // scale)
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    check_declared(f"size {size}", shape, torch.float32, fix="use a smaller size")
+    return shape
