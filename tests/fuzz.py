@@ -1,8 +1,8 @@
 """Fuzz worker for test_fuzz.py: random and mutated latents files (.pt, .safetensors, .npy: headers, shapes,
-strides, dtypes, metadata) and batch configs, each run through the CLI in this one process; one JSON line per case
-on stdout. test_fuzz.py runs it under an address-space limit and judges the lines.
+strides, dtypes, metadata) and batch configs, each run through the CLI in this one process, under an address-space
+limit of HEADROOM GiB beyond what the imports took; one JSON line per case on stdout, for test_fuzz.py to judge.
 
-    python tests/fuzz.py SEED CASES FOLDER
+    python tests/fuzz.py SEED CASES FOLDER HEADROOM
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import io
 import json
 import math
 import random
+import re
+import resource
 import struct
 import sys
 import time
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKLWan  # noqa: F401 - imported before the limit, as the CLI would import it
 from numpy.lib import format as npy
 from safetensors.torch import save as save_safetensors
 from typer.testing import CliRunner
@@ -280,12 +283,22 @@ def main(seed: int, cases: int, root: Path) -> None:
             "traceback": "Traceback" in result.output or crash is not None, "new": new,
             "stray": [p for p in new if not any(p == a or p.startswith(a + "/") for a in allowed)
                       or ".part" in p or ".vaepipe-" in p],
-            "changed": sorted(p for p in before if after.get(p) != before[p] and not p.startswith("batch.manifest")),
+            "changed": sorted(p for p in before if after.get(p) != before[p]),
             "ffmpeg": ffmpeg_processes_under(folder), "output": result.output[-400:],
         }), flush=True)
 
 
+def limit_address_space(headroom: int) -> int:
+    """The memory ceiling: what the cases allocate must fit in `headroom` bytes of address space beyond what the
+    imports took (which depends on the torch build: a CUDA one maps gigabytes of GPU libraries). Returns it."""
+    size = int(re.search(r"VmSize:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (size + headroom, size + headroom))
+    return size + headroom
+
+
 if __name__ == "__main__":
+    limit = limit_address_space(int(float(sys.argv[4]) * 2**30))
+    print(f"address-space limit {limit / 2**30:.2f} GiB", file=sys.stderr)
     main(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
     peak = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmPeak"))
     print(peak, file=sys.stderr)
