@@ -231,17 +231,6 @@ if triton is not None:
         return tl.reshape(v, (BLOCK_P,))
 
     @triton.jit
-    def _accumulate(acc, k, g, y, ctas: tl.constexpr, C: tl.constexpr, raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix,
-                    r_sc, q_sc, pmask, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
-                    FMA: tl.constexpr, INTERPRET: tl.constexpr):
-        c = k * ctas * SPLIT + g * SPLIT + y
-        cm = (c < C)[None, :]
-        v = _materialize(raw_ptr, bias_ptr, res_ptr, raw_pix[:, None] + c[None, :] * r_sc,
-                         res_pix[:, None] + c[None, :] * q_sc, c[None, :], cm, pmask[:, None] & cm, HAS_BIAS, HAS_RES,
-                         INTERPRET)
-        return _square_add(v, acc, FMA)
-
-    @triton.jit
     def _ordered_sum_of_squares(raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc, pmask, C: tl.constexpr,
                                 K: tl.constexpr, ctas: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                                 BLOCK_P: tl.constexpr, SPLIT: tl.constexpr, FMA: tl.constexpr,
@@ -257,14 +246,20 @@ if triton is not None:
             a2 = tl.zeros([BLOCK_P, SPLIT], tl.float32)
             a3 = tl.zeros([BLOCK_P, SPLIT], tl.float32)
             for k in range(0, K, 4):
-                a0 = _accumulate(a0, k, g, y, ctas, C, raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc, pmask,
-                                 HAS_BIAS, HAS_RES, SPLIT, FMA, INTERPRET)
-                a1 = _accumulate(a1, k + 1, g, y, ctas, C, raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc,
-                                 pmask, HAS_BIAS, HAS_RES, SPLIT, FMA, INTERPRET)
-                a2 = _accumulate(a2, k + 2, g, y, ctas, C, raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc,
-                                 pmask, HAS_BIAS, HAS_RES, SPLIT, FMA, INTERPRET)
-                a3 = _accumulate(a3, k + 3, g, y, ctas, C, raw_ptr, bias_ptr, res_ptr, raw_pix, res_pix, r_sc, q_sc,
-                                 pmask, HAS_BIAS, HAS_RES, SPLIT, FMA, INTERPRET)
+                # Values k..k+3 of each thread's share in one load, then apart: accumulator i takes value k + i.
+                c = tl.reshape((k + tl.arange(0, 4))[:, None] * ctas * SPLIT + g * SPLIT + y[None, :], (4 * SPLIT,))
+                cm = (c < C)[None, :]
+                v = _materialize(raw_ptr, bias_ptr, res_ptr, raw_pix[:, None] + c[None, :] * r_sc,
+                                 res_pix[:, None] + c[None, :] * q_sc, c[None, :], cm, pmask[:, None] & cm, HAS_BIAS,
+                                 HAS_RES, INTERPRET)
+                v = tl.reshape(tl.permute(tl.reshape(v, (BLOCK_P, 4, SPLIT)), (0, 2, 1)), (BLOCK_P, SPLIT, 2, 2))
+                even, odd = tl.split(v)
+                v0, v2 = tl.split(even)
+                v1, v3 = tl.split(odd)
+                a0 = _square_add(v0, a0, FMA)
+                a1 = _square_add(v1, a1, FMA)
+                a2 = _square_add(v2, a2, FMA)
+                a3 = _square_add(v3, a3, FMA)
             part = _halving_sum(((a0 + a1) + a2) + a3, BLOCK_P, SPLIT)
             gathered += tl.where((y == g % SPLIT)[None, :], part[:, None], 0.0)
         return _halving_sum(gathered, BLOCK_P, SPLIT)
