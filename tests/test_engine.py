@@ -82,9 +82,9 @@ def test_engine_pieces_write_the_uint8_frames_of_the_exact_video():
 
 def test_chunk_follows_free_memory_and_stays_within_diffusers_peak():
     vae = tiny_vae("random:wan2.1-tiny", torch.float32)
-    assert Engine(vae, exact=False).chunk_for(60, 104) == 1  # 30 + 24 frames fit the budget; 30 + 48 do not
+    assert Engine(vae, exact=False).chunk_for(60, 104) == 2  # 4 + 48 frames fit the budget; 4 + 96 do not
     assert Engine(vae, exact=False, chunk=4).chunk_for(60, 104) == 4
-    assert Engine(vae, exact=False).max_frames(60, 104) == 4
+    assert Engine(vae, exact=False).max_frames(60, 104) == 8
 
 
 def test_reduction_plan_covers_the_shapes_pytorch_splits_across_blocks():

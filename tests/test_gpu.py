@@ -160,7 +160,7 @@ def test_cuda_kernels_move_data_bit_for_bit_and_the_exact_norm_repeats_diffusers
         out = torch.empty_like(want, memory_format=torch.channels_last_3d)
         kernels.upsample(src, out, scale=2, interleave=interleave)
         assert torch.equal(out, want)
-    for patch in (1, 2):
+    for patch in (1, 2) if dtype == torch.bfloat16 else ():  # fp32 takes PyTorch's ops (kernels.to_uint8)
         src = Pending(cl(1, 3 * patch * patch, 3, 40, 52), torch.randn(3 * patch * patch, device="cuda").to(dtype))
         got = torch.zeros((3, 40 * patch, 52 * patch, 3), dtype=torch.uint8, device="cuda")
         want = got.clone()
