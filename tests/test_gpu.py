@@ -123,6 +123,23 @@ def test_cuda_exact_engine_equals_diffusers_decode_bit_for_bit(full_size, preset
     assert (_engine_video(fast, z).float() - want.float()).abs().max() <= (0.1 if dtype == torch.bfloat16 else 1e-2)
 
 
+@pytest.mark.parametrize("preset", ["random:wan2.1-tiny", "random:wan2.2-tiny"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_exact_engine_equals_diffusers_on_tiny_configs(preset, dtype):
+    """Small channel counts and frames take other kernel shapes and reduction plans than the full-size VAEs (this
+    caught a self-check that compared the ops on other inputs than the decode hands them)."""
+    from vaepipe.engine import Engine
+
+    vae = tiny_vae(preset, dtype, "cuda")
+    for hw in ((5, 7), (6, 10), (24, 32)):
+        z = torch.randn(1, vae.config.z_dim, 5, *hw, device="cuda", dtype=dtype)
+        with torch.inference_mode():
+            want = vae.decode(z).sample
+        for chunk in (1, None):
+            engine = Engine(vae, exact=True, chunk=chunk)
+            assert torch.equal(_engine_video(engine, z), want), (hw, chunk, engine.fallbacks)
+
+
 def test_cuda_self_check_catches_a_broken_kernel_and_stays_exact(full_size, monkeypatch):
     from vaepipe.engine import Engine, kernels
 

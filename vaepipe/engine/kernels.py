@@ -237,29 +237,26 @@ if triton is not None:
                                 INTERPRET: tl.constexpr):
         """The sum of squares of each pixel's C values in the order `reduction_plan` describes: thread y of CTA g
         takes value k = 0, 1, ... K - 1 of its share into accumulator k mod 4 (masked values add zeros, which change
-        no sum of squares)."""
+        no sum of squares). The 4 x SPLIT accumulators stay in load order until the end: taking them apart once,
+        not per load, keeps the loop free of register shuffles."""
+        slot = tl.arange(0, 4 * SPLIT)  # accumulator j = slot // SPLIT of thread y = slot % SPLIT
         y = tl.arange(0, SPLIT)
         gathered = tl.zeros([BLOCK_P, SPLIT], tl.float32)  # what the last CTA's thread y sums of the CTAs' sums
         for g in range(ctas):
-            a0 = tl.zeros([BLOCK_P, SPLIT], tl.float32)
-            a1 = tl.zeros([BLOCK_P, SPLIT], tl.float32)
-            a2 = tl.zeros([BLOCK_P, SPLIT], tl.float32)
-            a3 = tl.zeros([BLOCK_P, SPLIT], tl.float32)
+            acc = tl.zeros([BLOCK_P, 4 * SPLIT], tl.float32)
             for k in range(0, K, 4):
-                # Values k..k+3 of each thread's share in one load, then apart: accumulator i takes value k + i.
-                c = tl.reshape((k + tl.arange(0, 4))[:, None] * ctas * SPLIT + g * SPLIT + y[None, :], (4 * SPLIT,))
+                # Values k..k+3 of each thread's share in one load (contiguous channels when ctas == 1).
+                c = (k + slot // SPLIT) * ctas * SPLIT + g * SPLIT + slot % SPLIT
                 cm = (c < C)[None, :]
                 v = _materialize(raw_ptr, bias_ptr, res_ptr, raw_pix[:, None] + c[None, :] * r_sc,
                                  res_pix[:, None] + c[None, :] * q_sc, c[None, :], cm, pmask[:, None] & cm, HAS_BIAS,
                                  HAS_RES, INTERPRET)
-                v = tl.reshape(tl.permute(tl.reshape(v, (BLOCK_P, 4, SPLIT)), (0, 2, 1)), (BLOCK_P, SPLIT, 2, 2))
-                even, odd = tl.split(v)
-                v0, v2 = tl.split(even)
-                v1, v3 = tl.split(odd)
-                a0 = _square_add(v0, a0, FMA)
-                a1 = _square_add(v1, a1, FMA)
-                a2 = _square_add(v2, a2, FMA)
-                a3 = _square_add(v3, a3, FMA)
+                acc = _square_add(v, acc, FMA)
+            # Each thread's accumulators apart, once: ((a0 + a1) + a2) + a3.
+            a = tl.reshape(tl.permute(tl.reshape(acc, (BLOCK_P, 4, SPLIT)), (0, 2, 1)), (BLOCK_P, SPLIT, 2, 2))
+            even, odd = tl.split(a)
+            a0, a2 = tl.split(even)
+            a1, a3 = tl.split(odd)
             part = _halving_sum(((a0 + a1) + a2) + a3, BLOCK_P, SPLIT)
             gathered += tl.where((y == g % SPLIT)[None, :], part[:, None], 0.0)
         return _halving_sum(gathered, BLOCK_P, SPLIT)
@@ -359,6 +356,12 @@ if triton is not None:
 # Entry points: the kernel where Triton runs, else the reference
 
 
+NORM_TILE, NORM_WARPS = 2048, 4
+"""Values (pixels x channels) per program of the norm kernel, and its warps: 16 fp32 values a thread, so that a
+thread needs few registers and an SM holds enough warps to hide the loads' latency (at 64 a thread the kernel
+ran at a quarter of the memory bandwidth)."""
+
+
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return t.stride(2), t.stride(3), t.stride(4), t.stride(1)
 
@@ -384,7 +387,7 @@ def norm_silu(src: Pending, gamma: torch.Tensor, y: torch.Tensor, x: torch.Tenso
     _, _, t, h, w = src.shape
     n_pix = t * h * w
     c_pad = triton.next_power_of_2(c)
-    block_p = max(1, min(64, 8192 // c_pad))
+    block_p = max(1, NORM_TILE // c_pad)
     split, ctas, fma = plan if exact else (1, 1, True)
     raw, bias, res, rs, qs = _operands(src)
     _norm_silu_kernel[(triton.cdiv(n_pix, block_p),)](
@@ -392,7 +395,7 @@ def norm_silu(src: Pending, gamma: torch.Tensor, y: torch.Tensor, x: torch.Tenso
         *_strides(x if x is not None else y), *_strides(y), float(c**0.5),
         C=c, C_PAD=c_pad, BLOCK_P=block_p, HAS_BIAS=src.bias is not None, HAS_RES=src.res is not None,
         STORE_X=x is not None, EXACT=exact, SPLIT=split, K=-(-c // (split * ctas)) if exact else 0, CTAS=ctas,
-        FMA=fma, INTERPRET=_interpreting(), num_warps=4)
+        FMA=fma, INTERPRET=_interpreting(), num_warps=NORM_WARPS)
 
 
 def upsample(src: Pending, out: torch.Tensor, *, scale: int, interleave: bool) -> None:
