@@ -66,6 +66,27 @@ def test_self_check_catches_a_broken_fused_op_and_falls_back_to_diffusers_op(mon
     assert not torch.equal(_decode(fast, z), want) and not fast.fallbacks
 
 
+def test_a_break_the_op_checks_miss_is_caught_by_the_whole_clip_check(monkeypatch):
+    from vaepipe.engine.decoder import Context
+
+    vae = tiny_vae("random:wan2.1-tiny", torch.bfloat16)
+    z = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    with torch.inference_mode():
+        want = vae.decode(z).sample
+    real = kernels.norm_silu
+
+    def off_by_one_ulp(src, gamma, y, x=None, **kw):
+        real(src, gamma, y, x, **kw)
+        y.view(torch.int16).add_(1)
+
+    monkeypatch.setattr(kernels, "norm_silu", off_by_one_ulp)
+    monkeypatch.setattr(Context, "write", lambda self, op, outputs, fast, reference: (
+        reference if op.reference else fast)())  # op checks that compare nothing
+    engine = Engine(vae, exact=True, chunk=2)
+    assert torch.equal(_decode(engine, z), want)
+    assert "every op" in engine.fallbacks
+
+
 def test_engine_pieces_write_the_uint8_frames_of_the_exact_video():
     vae = tiny_vae("random:wan2.2-tiny", torch.float32)
     z = torch.randn(1, 48, 3, 3, 5, generator=torch.Generator().manual_seed(7))
