@@ -31,6 +31,11 @@ decode holds at its peak (4.38 GiB = 61 such frames at 480x832 on an H100), so t
 memory than the decode it replaces. Measured on the H100 at 480x832 (bench's decoders table): 1.88 GiB at one latent
 frame per call, 3.61 at two, 7.07 at four: about 2 frames plus 24 per latent frame per call."""
 
+VERIFIED_WIDTH = 96
+"""The exact policy's kernels are verified on decoders at least this wide (the real Wan VAEs: 96 channels at full
+resolution for Wan 2.1, 256 for Wan 2.2). On the H200 the tiny test VAEs (8 and 16 channels) passed the self-check
+and still decoded some clips to other bits (reason not found), so narrower decoders run every op diffusers' way."""
+
 
 def supports(vae: torch.nn.Module) -> bool:
     from diffusers import AutoencoderKLWan
@@ -77,6 +82,8 @@ class Engine:
         self.decoder = Decoder(self.ctx, vae.decoder)
         self.patch = vae.config.patch_size or 1
         self.final = Op(self.ctx, "uint8 frames")
+        if exact and kernels.triton_ready(param) and self.decoder.conv_out.channels < VERIFIED_WIDTH:
+            self.ctx.fall_back_everywhere(f"a decoder narrower than {VERIFIED_WIDTH} channels is not verified")
         self.check_s = 0.0
         """Seconds the self-checks took in all (exact policy)."""
         self._checked: set[tuple] = set()
