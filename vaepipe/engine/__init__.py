@@ -88,8 +88,8 @@ class Engine:
         """Seconds the self-checks took in all (exact policy)."""
         self._checked: set[tuple] = set()
         self.diffusers_stream = False
-        """Exact policy: the self-check found diffusers' own stream faster than the engine with its fallbacks (or
-        the engine's bits wrong): the pieces come from diffusers' decoder."""
+        """Exact policy on GPUs: the self-check found diffusers' own decoder faster than the engine with its
+        fallbacks, so the pieces come from diffusers' stream."""
 
     @property
     def fallbacks(self) -> dict[str, str]:
@@ -134,6 +134,7 @@ class Engine:
         yield from self._stream(z, k)
 
     def _timed(self, call):
+        """(seconds, result) of call(), the GPU's work included."""
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
         t = time.perf_counter()

@@ -195,7 +195,7 @@ class Conv(Op):
     @property
     def exact_bits(self) -> bool | None:
         """The exact policy takes deterministic algorithms only: one that adds in a varying order (split reductions
-        with atomics, which cuDNN picks for small convs) can pass the self-check and give other bits later."""
+        with atomics) could pass the self-check and give other bits later."""
         return True if self.ctx.exact else None
 
     def _fast(self, window: torch.Tensor, tuned: bool) -> Pending:
