@@ -44,8 +44,13 @@ def test_fast_engine_stays_within_rounding_of_diffusers(dtype, tolerance):
     assert (got.float() - want.float()).abs().max() <= tolerance
 
 
-def _break_the_norm_kernel(monkeypatch):
-    """Every fused norm one ulp off: what a kernel summing in another order would do."""
+def _broken_norm_case(monkeypatch, *, seed: int):
+    """A tiny bf16 VAE, latents and diffusers' decode of them; then every fused norm one ulp off: what a kernel
+    summing in another order would do."""
+    vae = tiny_vae("random:wan2.1-tiny", torch.bfloat16)
+    z = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    with torch.inference_mode():
+        want = vae.decode(z).sample
     real = kernels.norm_silu
 
     def off_by_one_ulp(src, gamma, y, x=None, **kw):
@@ -53,14 +58,11 @@ def _break_the_norm_kernel(monkeypatch):
         y.view(torch.int16).add_(1)
 
     monkeypatch.setattr(kernels, "norm_silu", off_by_one_ulp)
+    return vae, z, want
 
 
 def test_self_check_catches_a_broken_fused_op_and_falls_back_to_diffusers_op(monkeypatch):
-    vae = tiny_vae("random:wan2.1-tiny", torch.bfloat16)
-    z = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    with torch.inference_mode():
-        want = vae.decode(z).sample
-    _break_the_norm_kernel(monkeypatch)
+    vae, z, want = _broken_norm_case(monkeypatch, seed=2)
     engine = Engine(vae, exact=True, chunk=2)
     assert torch.equal(_decode(engine, z), want)
     fused_norms = {name for name, m in vae.decoder.named_modules()
@@ -74,11 +76,7 @@ def test_self_check_catches_a_broken_fused_op_and_falls_back_to_diffusers_op(mon
 def test_a_break_the_op_checks_miss_is_caught_by_the_whole_clip_check(monkeypatch):
     from vaepipe.engine.decoder import Context
 
-    vae = tiny_vae("random:wan2.1-tiny", torch.bfloat16)
-    z = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
-    with torch.inference_mode():
-        want = vae.decode(z).sample
-    _break_the_norm_kernel(monkeypatch)
+    vae, z, want = _broken_norm_case(monkeypatch, seed=5)
     monkeypatch.setattr(Context, "write", lambda self, op, outputs, fast, reference: (
         reference if op.reference else fast)())  # op checks that compare nothing
     engine = Engine(vae, exact=True, chunk=2)

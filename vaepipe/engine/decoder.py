@@ -52,7 +52,7 @@ class Context:
         self.device = device
         self.sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         self.checking = False
-        """While True every op runs both ways, compares, and goes on with diffusers' result."""
+        """While True every op runs both ways, compares, and goes on with diffusers' bits."""
         self.fallbacks: dict[str, str] = {}
         """Op name -> why it runs diffusers' way."""
         self.ops: list[Op] = []
