@@ -84,6 +84,31 @@ def test_a_break_the_op_checks_miss_is_caught_by_the_whole_clip_check(monkeypatc
     assert "every op" in engine.fallbacks
 
 
+def test_a_conv_whose_multi_frame_call_differs_runs_per_call_channels_last(monkeypatch):
+    """As on Wan 2.2 on the H200: where cuDNN's algorithm for a longer frame extent gives other bits, the self-check
+    keeps the conv channels-last over diffusers' per-call extent (not diffusers' NCDHW call), and the video stays
+    diffusers'. Here the channels-last ways are stood in for: per call they give diffusers' bits, whole one ulp off."""
+    from vaepipe.engine.decoder import Conv
+
+    def fake_fast(self, window, frames, per_call, way):
+        out = self._reference(window, frames, per_call)
+        if not way.per_call:
+            out.raw.view(torch.int16).add_(1)
+        return out
+
+    monkeypatch.setattr(Conv, "_fast", fake_fast)
+    vae = tiny_vae("random:wan2.1-tiny", torch.bfloat16)
+    z = torch.randn(1, 16, 4, 4, 6, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    with torch.inference_mode():
+        want = vae.decode(z).sample
+    engine = Engine(vae, exact=True, chunk=2)
+    assert torch.equal(_decode(engine, z), want)
+    ways = [way for conv in engine.decoder.convs() if conv.module.kernel_size != (1, 1, 1)
+            for way in conv.ways.values()]
+    assert ways and all(way.per_call and not way.diffusers for way in ways)
+    assert all("conv_shortcut" in name for name in engine.fallbacks)  # (1x1x1 shortcuts are not stood in for)
+
+
 @pytest.mark.parametrize("diffusers_stream", [False, True])
 def test_engine_pieces_write_the_uint8_frames_of_the_exact_video(diffusers_stream):
     """Also when the self-check hands the decode to diffusers' own stream (where that is faster than the engine)."""

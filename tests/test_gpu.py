@@ -185,7 +185,11 @@ def test_cuda_kernels_move_data_bit_for_bit_and_the_exact_norm_repeats_diffusers
         kernels.to_uint8_reference(src, want, patch=patch)
         assert torch.equal(got, want)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for c, frames, h, w in ((96, 4, 120, 208), (192, 4, 60, 104), (384, 2, 60, 104), (384, 1, 60, 104)):
+    # Wan 2.1's norms at 480p, Wan 2.2's wide ones at 704x1280 (PyTorch splits a 1024-channel sum over several
+    # blocks where the pixels are few), and pixel counts that are not a multiple of 4.
+    for c, frames, h, w in ((96, 4, 120, 208), (192, 4, 60, 104), (384, 2, 60, 104), (384, 1, 60, 104),
+                            (1024, 1, 44, 80), (1024, 2, 88, 160), (1024, 4, 176, 320), (512, 4, 176, 320),
+                            (96, 1, 5, 7), (96, 1, 6, 7)):
         norm = WanRMS_norm(c, images=False).to("cuda", dtype)
         with torch.no_grad():
             norm.gamma.uniform_(0.2, 3.0)  # trained-like scales

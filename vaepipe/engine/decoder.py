@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,18 @@ class Context:
         self.fallbacks["every op"] = why
 
 
+class Way(NamedTuple):
+    """How a conv runs: channels-last with cuDNN's tuned or untuned algorithm, over all of the call's frames at once
+    or over diffusers' per-call extent; or diffusers' own call (NCDHW, per call, untuned)."""
+
+    tuned: bool
+    per_call: bool
+    diffusers: bool = False
+
+
+REFERENCE = Way(tuned=False, per_call=True, diffusers=True)
+
+
 class Op:
     def __init__(self, ctx: Context, name: str):
         self.ctx = ctx
@@ -119,8 +132,8 @@ class Conv(Op):
         self.bias = module.bias.detach()
         self.cache: torch.Tensor | None = None
         self._window: torch.Tensor | None = None
-        self.ways: dict[int, str] = {}
-        """Frames per call -> "tuned", "untuned" or "reference": what the exact policy's self-check chose."""
+        self.ways: dict[int, Way] = {}
+        """Frames per call -> the way the exact policy's self-check chose."""
 
     @property
     def channels(self) -> int:
@@ -152,7 +165,7 @@ class Conv(Op):
         """Run the conv over the window; keep its last 2 input frames as the next call's cache. `per_call` is the
         frame count of diffusers' per-latent-frame calls at this layer (its call extent)."""
         window, self._window = self._window, None
-        out = self._run(frames, lambda tuned: self._fast(window, tuned),
+        out = self._run(frames, lambda way: self._fast(window, frames, per_call, way),
                         lambda: self._reference(window, frames, per_call))
         if self.time_pad:
             self.cache.copy_(window[:, :, frames : frames + self.time_pad])
@@ -160,37 +173,41 @@ class Conv(Op):
 
     def apply(self, x: torch.Tensor, per_call: int) -> torch.Tensor:
         """A 1x1x1 conv (the residual shortcut) on a tensor, materialised."""
-        def fast(tuned: bool) -> Pending:
-            with cudnn_benchmark(tuned, self.exact_bits):
-                return Pending(F.conv3d(x, self.weight), self.bias)
+        def fast(way: Way) -> Pending:
+            with cudnn_benchmark(way.tuned, self.exact_bits):
+                if not way.per_call:
+                    return Pending(F.conv3d(x, self.weight), self.bias)
+                return Pending(_cat_frames([F.conv3d(x[:, :, s : s + per_call], self.weight)
+                                            for s in range(0, x.shape[2], per_call)]), self.bias)
 
         def reference() -> Pending:
             with cudnn_benchmark(False):
                 outs = [self.module(x[:, :, s : s + per_call].contiguous()) for s in range(0, x.shape[2], per_call)]
-            return Pending(torch.cat(outs, 2).contiguous(memory_format=torch.channels_last_3d))
+            return Pending(_cat_frames(outs))
 
         return kernels.materialize_reference(self._run(x.shape[2], fast, reference))
 
-    def _run(self, frames: int, fast: Callable[[bool], Pending], reference: Callable[[], Pending]) -> Pending:
+    def _run(self, frames: int, fast: Callable[[Way], Pending], reference: Callable[[], Pending]) -> Pending:
         """The conv the engine's way: cuDNN's tuned algorithm for the steady calls (tuning pays there), its untuned
-        choice for the one-off first and last calls; the exact policy's self-check keeps, per call size, the first
-        of these that gives diffusers' bits, else diffusers' own call."""
-        way = "reference" if self.reference else self.ways.get(frames)
+        choice for the one-off first and last calls. The exact policy's self-check keeps, per call size, the first
+        way that gives diffusers' bits: over all the call's frames at once, then over diffusers' call extent (cuDNN
+        may pick another algorithm for a longer extent, as on Wan 2.2's convs on the H200), else diffusers' call."""
+        way = REFERENCE if self.reference else self.ways.get(frames)
         if way is None and self.ctx.checking:
             want = reference()
             preferred = frames == self.max_frames
-            for tuned in (preferred, not preferred):
-                got = fast(tuned)
+            for way in (Way(preferred, False), Way(not preferred, False), Way(True, True), Way(False, True)):
+                got = fast(way)
                 if torch.equal(kernels.materialize_reference(got), kernels.materialize_reference(want)):
-                    self.ways[frames] = "tuned" if tuned else "untuned"
+                    self.ways[frames] = way
                     return got  # its bias still pending, as the decode hands it on: the next op is checked on that
-            self.ways[frames] = "reference"
+            self.ways[frames] = REFERENCE
             self.ctx.fallbacks[f"{self.name} ({frames} frames)"] = ("channels-last gives other bits than"
                                                                     " diffusers' call")
             return want
         if way is None:  # the fast policy; the exact one checks every call size first
-            way = "reference" if self.ctx.exact else "tuned" if frames == self.max_frames else "untuned"
-        return reference() if way == "reference" else fast(way == "tuned")
+            way = REFERENCE if self.ctx.exact else Way(tuned=frames == self.max_frames, per_call=False)
+        return reference() if way.diffusers else fast(way)
 
     @property
     def exact_bits(self) -> bool | None:
@@ -198,12 +215,18 @@ class Conv(Op):
         with atomics) could pass the self-check and give other bits later."""
         return True if self.ctx.exact else None
 
-    def _fast(self, window: torch.Tensor, tuned: bool) -> Pending:
-        with cudnn_benchmark(tuned, self.exact_bits):
-            if self.two_d:  # [1, C, T, H, W] channels-last-3d is [T, C, H, W] channels-last: no copy either way
-                out = F.conv2d(window.permute(0, 2, 1, 3, 4)[0], self.weight)
-                return Pending(out.unsqueeze(0).permute(0, 2, 1, 3, 4), self.bias)
-            return Pending(F.conv3d(window, self.weight), self.bias)
+    def _fast(self, window: torch.Tensor, frames: int, per_call: int, way: Way) -> Pending:
+        starts = range(0, frames, per_call) if way.per_call else [0]
+        extent = per_call if way.per_call else frames
+        outs = []
+        with cudnn_benchmark(way.tuned, self.exact_bits):
+            for s in starts:
+                if self.two_d:  # [1, C, T, H, W] channels-last-3d is [T, C, H, W] channels-last: no copy either way
+                    out = F.conv2d(window[:, :, s : s + extent].permute(0, 2, 1, 3, 4)[0], self.weight)
+                    outs.append(out.unsqueeze(0).permute(0, 2, 1, 3, 4))
+                else:
+                    outs.append(F.conv3d(window[:, :, s : s + self.time_pad + extent], self.weight))
+        return Pending(_cat_frames(outs), self.bias)
 
     def _reference(self, window: torch.Tensor, frames: int, per_call: int) -> Pending:
         """diffusers' calls: NCDHW, per latent frame, bias inside, default (untuned) algorithms."""
@@ -218,8 +241,13 @@ class Conv(Op):
                 else:
                     x = window[:, :, s : s + self.time_pad + per_call].contiguous()
                     outs.append(F.conv3d(x, self.module.weight, self.module.bias))
-        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-        return Pending(out.contiguous(memory_format=torch.channels_last_3d))
+        return Pending(_cat_frames(outs))
+
+
+def _cat_frames(outs: list[torch.Tensor]) -> torch.Tensor:
+    """Per-call conv outputs as one channels-last tensor along time."""
+    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    return out.contiguous(memory_format=torch.channels_last_3d)
 
 
 class Norm(Op):
@@ -234,10 +262,7 @@ class Norm(Op):
         plan = None
         if ctx.exact:
             c, h, w = src.shape[1], src.shape[3], src.shape[4]
-            split, ctas = kernels.reduction_plan(c, per_call * h * w, sms=ctx.sms)
-            if split > 16 or ctas * -(-c // (split * ctas)) > 128:  # too wide to unroll: diffusers' op
-                ctx.fall_back(self, f"PyTorch splits this {c}-channel sum over {ctas} blocks")
-            plan = (split, ctas, True)
+            plan = kernels.reduction_plan(c, per_call * h * w, sms=ctx.sms) + (True,)
 
         def fast() -> None:
             kernels.norm_silu(src, self.gamma, y, x, exact=ctx.exact, frames_per_call=per_call, plan=plan)
