@@ -63,21 +63,24 @@ def test_split_is_as_equal_as_the_step_allows_longest_first():
     assert split(5, 8) == [1, 1, 1, 1, 1] and split(7, 1) == [7] and split(7, 3, step=4) == [7]
 
 
-@pytest.mark.parametrize(("codec", "dest", "encoders", "frames", "cores", "expected"), [
-    ("h264", "o.mp4", "auto", 321, 16, [321]),  # x264 keeps up with the decode: auto never splits it
-    ("h265", "o.mp4", "auto", 321, 16, [107, 107, 107]),  # at least 100 frames each
-    ("av1", "o.mp4", "auto", 321, 16, [161, 160]),  # at least 160: the cut falls where SVT-AV1 puts a keyframe
-    ("av1", "o.mp4", "auto", 321, 2, [321]),  # two cores: one encoder uses them as well
-    ("av1", "o.mp4", "auto", 159, 16, [159]),  # too short to cut
-    ("h264", "o.mp4", 4, 321, 2, [81, 80, 80, 80]),  # asked for: at most 4, at least 80 frames each
-    ("h264", "o.mp4", 8, 200, 16, [100, 100]),
-    ("h264", "o.mp4", 1, 1000, 16, [1000]),
-    ("ffv1", "o.mkv", 3, 101, 2, [34, 34, 33]),  # Matroska at 16 fps: cuts on even frames (whole milliseconds)
-    ("h264_nvenc", "o.mp4", "auto", 321, 16, [321]),
+@pytest.mark.parametrize(("codec", "preset", "dest", "encoders", "frames", "cores", "expected"), [
+    ("h264", "veryslow", "o.mp4", "auto", 321, 16, [321]),  # x264 keeps up with the decode: auto never splits it
+    ("h265", "medium", "o.mp4", "auto", 321, 16, [321]),  # one x265 keeps up at medium
+    ("h265", "slow", "o.mp4", "auto", 321, 16, [107, 107, 107]),  # not at slow: at least 100 frames each
+    ("av1", "slow", "o.mp4", "auto", 321, 16, [321]),  # one SVT-AV1 keeps up at preset 5
+    ("av1", "veryslow", "o.mp4", "auto", 321, 16, [161, 160]),  # at least 160: where SVT-AV1 puts a keyframe
+    ("av1", "veryslow", "o.mp4", "auto", 321, 2, [321]),  # two cores: one encoder uses them as well
+    ("av1", "veryslow", "o.mp4", "auto", 159, 16, [159]),  # too short to cut
+    ("vp9", "medium", "o.webm", "auto", 257, 16, [128, 129]),  # cuts on whole milliseconds at 16 fps
+    ("h264", "medium", "o.mp4", 4, 321, 2, [81, 80, 80, 80]),  # asked for: at most 4, at least 80 frames each
+    ("h264", "medium", "o.mp4", 8, 200, 16, [100, 100]),
+    ("h264", "medium", "o.mp4", 1, 1000, 16, [1000]),
+    ("ffv1", "medium", "o.mkv", 3, 101, 2, [34, 34, 33]),  # Matroska at 16 fps: cuts on even frames (whole ms)
+    ("h264_nvenc", "medium", "o.mp4", "auto", 321, 16, [321]),
 ])
-def test_segment_lengths(codec, dest, encoders, frames, cores, expected, monkeypatch):
+def test_segment_lengths(codec, preset, dest, encoders, frames, cores, expected, monkeypatch):
     monkeypatch.setattr("vaepipe.encode.probe_encoder", lambda encoder: (True, ""))  # NVENC planned, not run
-    p = plan(Path(dest), codec, encoders=encoders)
+    p = plan(Path(dest), codec, encoders=encoders, preset=preset)
     assert segment_lengths(p, frames, cores) == expected
 
 

@@ -66,16 +66,6 @@ class Codec:
             case _:  # NVENC
                 return ["-rc", "vbr", "-cq", str(crf), "-b:v", "0", "-preset", _NVENC[i]]
 
-    def thread_args(self, threads: int) -> list[str]:
-        """Hold the encoder to `threads` threads (segments divide the cores between their encoders)."""
-        match self.encoder:
-            case "libx265":
-                return ["-x265-params", f"pools={threads}"]  # ffmpeg's -threads does not reach x265
-            case "libsvtav1":
-                return ["-svtav1-params", f"lp={threads}"]  # nor SVT-AV1
-            case _:
-                return ["-threads", str(threads)]
-
 
 _VIDEO = (".mp4", ".mkv", ".mov")
 CODECS: dict[str, Codec] = {
@@ -171,7 +161,6 @@ class EncodePlan:
     """Soundtrack and tags, planned by mux.plan_mux once the clip's length is known."""
     encoders: int | str = 1
     """Concurrent encoders asked for (N or auto); segments.segment_lengths decides how many are used."""
-    threads: int | None = None
     """Threads for this one encoder (a segment's); None: the encoder's own default."""
 
     @property
@@ -290,8 +279,6 @@ def _command(plan: EncodePlan, target: Path, tags_file: Path | None = None) -> l
            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-framerate", f"{plan.fps:g}", "-i", "pipe:0",
            *plan.mux.input_args(tags_file), *plan.mux.output_args(tags_file),
            "-c:v", spec.encoder, *spec.quality_args(plan.crf, plan.preset), "-pix_fmt", plan.pix_fmt]
-    if plan.threads:
-        cmd += spec.thread_args(plan.threads)
     if plan.pix_fmt != "rgb24":
         # swscale converts RGB with BT.601 unless told; convert with BT.709 and say so in the stream.
         # setparams: encoder-side -color_* flags alone leave primaries and transfer unset in the stream.

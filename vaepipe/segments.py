@@ -1,7 +1,7 @@
 """Segment-parallel encoding: one output's frames cut into closed-GOP segments, each encoded by its own ffmpeg at the
-same time with the cores divided between them, then joined into one file without re-encoding.
+same time, then joined into one file without re-encoding.
 
-    frames   0 ........... 160 | 161 .......... 320          (321 frames, --codec av1, 16 cores: 2 x 8 threads)
+    frames   0 ........... 160 | 161 .......... 320          (321 frames, --codec av1 --preset veryslow, 16 cores)
     encode   seg-000.mp4         seg-001.mp4                each an Encoder (one ffmpeg), fed by its own thread
     join     ffmpeg -f concat (each segment's exact duration) -c copy -> joined.mp4 -> renamed to the destination
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .encode import EncodePlan, Encoder, _remove_stale_parts, _temp_home, ffmpeg_exe, mux_args
+from .encode import X264_PRESETS, EncodePlan, Encoder, _remove_stale_parts, _temp_home, ffmpeg_exe, mux_args
 from .errors import VaepipeError
 from .mux import Mux
 
@@ -43,24 +43,32 @@ from .mux import Mux
 class Policy:
     min_frames: int
     """The shortest segment: each cut adds a keyframe, which costs more the shorter the segments."""
-    auto: bool
-    """Whether `--encoders auto` splits this codec: only encoders slow enough that one process cannot keep up."""
+    auto_from: str | None
+    """The fastest preset (x264's names) at which `--encoders auto` splits this codec: where one encoder falls
+    behind the decode lane; None: never."""
 
 
 # Measured on natural content (docs/benchmarks.md, "Segment-parallel encoding"): the size cost of cutting 321
 # frames at 720x1280 into segments of this length is +3.0 % for x265 (107 frames; +7 % at 81) and +0.1 % for
 # SVT-AV1 (161 frames, where it puts a keyframe itself; +8.4 % at 107); x264 +1.6 % at 80. libvpx puts a keyframe
 # every 128 frames itself. Intra-only codecs lose nothing at any cut.
+# Where auto splits, timed on the H200 host (16 cores, 720x1280x321, the default engine decoding 49 fps): one x265
+# encoder keeps up at preset medium (auto: 6.99 s against 6.91 s) and falls behind at slow (auto: 10.12 s against
+# 12.24 s); one SVT-AV1 encoder keeps up at preset 6 and 5 (medium, slow: 129 and 104 fps alone). libvpx and
+# slower SVT-AV1 presets were not timed there: they split from the preset where they run at about x265's slow.
 POLICIES = {
-    "h264": Policy(min_frames=80, auto=False),
-    "h265": Policy(min_frames=100, auto=True),
-    "av1": Policy(min_frames=160, auto=True),
-    "vp9": Policy(min_frames=128, auto=True),
-    "prores": Policy(min_frames=16, auto=False),
-    "ffv1": Policy(min_frames=16, auto=False),
+    "h264": Policy(min_frames=80, auto_from=None),
+    "h265": Policy(min_frames=100, auto_from="slow"),
+    "av1": Policy(min_frames=160, auto_from="veryslow"),
+    "vp9": Policy(min_frames=128, auto_from="medium"),
+    "prores": Policy(min_frames=16, auto_from=None),
+    "ffv1": Policy(min_frames=16, auto_from=None),
 }
 AUTO_THREADS = 4
-"""auto: at least this many cores per encoder (fewer and one encoder's own threads do as well)."""
+"""auto: at most one encoder per this many cores. Each segment's encoder keeps its own default threads (all the
+cores): the segments start one after another as the frames come, and on the H200 host a fixed share of the cores
+(x265 at medium, 3 encoders of 5 threads) left them idle while the first segment ran alone: 7.79 s against 6.94 s
+for one encoder, where sharing all the cores gave 6.99 s."""
 AUTO_MAX = 4
 """auto: at most this many encoders."""
 QUEUE_BYTES = 1 << 30
@@ -75,7 +83,7 @@ def segment_lengths(plan: EncodePlan, frames: int, cores: int | None = None) -> 
         return [frames]
     cores = cores or os.cpu_count() or 1
     if plan.encoders == "auto":
-        if not policy.auto:
+        if policy.auto_from is None or X264_PRESETS.index(plan.preset) < X264_PRESETS.index(policy.auto_from):
             return [frames]
         n = min(AUTO_MAX, cores // AUTO_THREADS)
     else:
@@ -115,7 +123,7 @@ class SegmentedEncoder:
     each segment's feeder thread and returns; a segment's encoder gets its end of input as soon as its last frame
     is in, so it finishes while later segments are still fed."""
 
-    def __init__(self, plan: EncodePlan, lengths: list[int], *, cores: int | None = None):
+    def __init__(self, plan: EncodePlan, lengths: list[int]):
         self.plan = plan
         self.frames = 0
         self.lengths = lengths
@@ -127,7 +135,6 @@ class SegmentedEncoder:
             self._dir.mkdir(parents=True)
         except OSError as e:
             raise VaepipeError(f"cannot write {plan.dest}: {e}") from None
-        threads = max(1, (cores or os.cpu_count() or 1) // len(lengths))
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -141,7 +148,7 @@ class SegmentedEncoder:
             for k in range(len(lengths)):
                 # The soundtrack and the tags go in once, at the join.
                 seg_plan = dataclasses.replace(plan, dest=self._dir / f"seg-{k:03d}{plan.dest.suffix}", encoders=1,
-                                               threads=threads, mux=Mux())
+                                               mux=Mux())
                 self._segments.append(Encoder(seg_plan))
                 self._queues.append(queue.Queue())
                 self._closed.append(False)
