@@ -87,12 +87,13 @@ def test_a_break_the_op_checks_miss_is_caught_by_the_whole_clip_check(monkeypatc
 def test_a_conv_whose_multi_frame_call_differs_runs_per_call_channels_last(monkeypatch):
     """As on Wan 2.2 on the H200: where cuDNN's algorithm for a longer frame extent gives other bits, the self-check
     keeps the conv channels-last over diffusers' per-call extent (not diffusers' NCDHW call), and the video stays
-    diffusers'. Here the channels-last ways are stood in for: per call they give diffusers' bits, whole one ulp off."""
+    diffusers'. Here the channels-last ways are stood in for: per call they give diffusers' bits, over several calls'
+    frames at once one ulp off."""
     from vaepipe.engine.decoder import Conv
 
     def fake_fast(self, window, frames, per_call, way):
         out = self._reference(window, frames, per_call)
-        if not way.per_call:
+        if not way.per_call and frames > per_call:
             out.raw.view(torch.int16).add_(1)
         return out
 
@@ -105,7 +106,7 @@ def test_a_conv_whose_multi_frame_call_differs_runs_per_call_channels_last(monke
     assert torch.equal(_decode(engine, z), want)
     ways = [way for conv in engine.decoder.convs() if conv.module.kernel_size != (1, 1, 1)
             for way in conv.ways.values()]
-    assert ways and all(way.per_call and not way.diffusers for way in ways)
+    assert any(way.per_call for way in ways) and not any(way.diffusers for way in ways)
     assert all("conv_shortcut" in name for name in engine.fallbacks)  # (1x1x1 shortcuts are not stood in for)
 
 
