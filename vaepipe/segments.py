@@ -55,7 +55,9 @@ class Policy:
 # Where auto splits, timed on the H200 host (16 cores, 720x1280x321, the default engine decoding 49 fps): one x265
 # encoder keeps up at preset medium (auto: 6.99 s against 6.91 s) and falls behind at slow (auto: 10.12 s against
 # 12.24 s); one SVT-AV1 encoder keeps up at preset 6 and 5 (medium, slow: 129 and 104 fps alone). libvpx and
-# slower SVT-AV1 presets were not timed there: they split from the preset where they run at about x265's slow.
+# slower SVT-AV1 presets were timed on the 2-core machine only (480x832x81 alone): x265 medium 2.16 s, slow 4.31 s;
+# libvpx medium 3.60 s; SVT-AV1 preset 4 (slower) 2.40 s, preset 2 (veryslow) 6.18 s. Each splits from the preset
+# where it is about as slow as x265 at slow or slower.
 POLICIES = {
     "h264": Policy(min_frames=80, auto_from=None),
     "h265": Policy(min_frames=100, auto_from="slow"),
