@@ -161,7 +161,6 @@ class EncodePlan:
     """Soundtrack and tags, planned by mux.plan_mux once the clip's length is known."""
     encoders: int | str = 1
     """Concurrent encoders asked for (N or auto); segments.segment_lengths decides how many are used."""
-    """Threads for this one encoder (a segment's); None: the encoder's own default."""
 
     @property
     def is_sequence(self) -> bool:
