@@ -172,20 +172,11 @@ class Conv(Op):
         return out
 
     def apply(self, x: torch.Tensor, per_call: int) -> torch.Tensor:
-        """A 1x1x1 conv (the residual shortcut) on a tensor, materialised."""
-        def fast(way: Way) -> Pending:
-            with cudnn_benchmark(way.tuned, self.exact_bits):
-                if not way.per_call:
-                    return Pending(F.conv3d(x, self.weight), self.bias)
-                return Pending(_cat_frames([F.conv3d(x[:, :, s : s + per_call], self.weight)
-                                            for s in range(0, x.shape[2], per_call)]), self.bias)
-
-        def reference() -> Pending:
-            with cudnn_benchmark(False):
-                outs = [self.module(x[:, :, s : s + per_call].contiguous()) for s in range(0, x.shape[2], per_call)]
-            return Pending(_cat_frames(outs))
-
-        return kernels.materialize_reference(self._run(x.shape[2], per_call, fast, reference))
+        """A 1x1x1 conv (the residual shortcut) on a tensor, materialised: the tensor is its own window."""
+        frames = x.shape[2]
+        out = self._run(frames, per_call, lambda way: self._fast(x, frames, per_call, way),
+                        lambda: self._reference(x, frames, per_call))
+        return kernels.materialize_reference(out)
 
     def _run(self, frames: int, per_call: int, fast: Callable[[Way], Pending],
              reference: Callable[[], Pending]) -> Pending:
@@ -263,10 +254,8 @@ class Norm(Op):
 
     def __call__(self, src: Pending, y: torch.Tensor, x: torch.Tensor | None, per_call: int) -> None:
         ctx = self.ctx
-        plan = None
-        if ctx.exact:
-            c, h, w = src.shape[1], src.shape[3], src.shape[4]
-            plan = kernels.reduction_plan(c, per_call * h * w, sms=ctx.sms) + (True,)
+        c, h, w = src.shape[1], src.shape[3], src.shape[4]
+        plan = kernels.reduction_plan(c, per_call * h * w, sms=ctx.sms) + (True,) if ctx.exact else None
 
         def fast() -> None:
             kernels.norm_silu(src, self.gamma, y, x, exact=ctx.exact, frames_per_call=per_call, plan=plan)
