@@ -3,8 +3,9 @@
 One engine, two arithmetic policies (kernels.py says what differs):
 - fast (the default on GPUs): fused freely, as close to an fp32 decode as diffusers' own bf16 decode;
 - exact (`--exact` on GPUs): diffusers' bits. Before the first decode of a VAE at a frame size, a self-check decodes a
-  short random clip of that size both the engine's way and diffusers' way, op by op, and every op whose bits differ
-  (another GPU, cuDNN, torch or diffusers) runs diffusers' way from then on; `fallbacks` says which.
+  short random clip of that size the engine's way and diffusers' way; if the bits differ, it runs every op both
+  ways, and every op whose bits differ (another GPU, cuDNN, torch or diffusers) runs diffusers' way from then on;
+  `fallbacks` says which.
 
     engine = Engine(vae, exact=True)
     for piece in engine.stream(z):        # z: [1, C, T, h, w], denormalised, on the VAE's device and dtype
@@ -156,8 +157,9 @@ class Engine:
             yield Piece(value, self.final, self.patch)
 
     def _self_check(self, h: int, w: int, k: int, frames: int) -> None:
-        """Decode a short random clip of this size with every op run both ways (see Context.write/compute), then
-        the engine's way whole, against diffusers' `vae.decode`."""
+        """Decode a short random clip of this size the engine's way and diffusers' way (`vae.decode`); where the
+        bits differ, find the ops that give them (every op run both ways, see Context.write and Conv._run), let
+        those run diffusers' way, and compare the clip again."""
         key = (h, w, k, (frames - 1) % k > 0)
         if key in self._checked:
             return
@@ -167,28 +169,49 @@ class Engine:
         param = next(self.vae.parameters())
         z = torch.randn((1, self.vae.config.z_dim, length, h, w), generator=gen, device=param.device,
                         dtype=torch.float32).to(param.dtype)
-        self.ctx.checking = True
-        try:
-            for piece in self._stream(z, k):
-                _, _, f, ph, pw = piece.shape
-                piece.write_uint8(torch.empty((f, ph, pw, 3), dtype=torch.uint8, device=param.device))
-        finally:
-            self.ctx.checking = False
-        # Then the clip whole, against diffusers' own decode: op by op is not enough (on the H200, the tiny test
-        # VAEs passed every op's check and still decoded to other bits, reason not found). diffusers' way for
-        # every op gave its bits in every case measured.
-        # Both timed: where the fallbacks leave the engine slower than diffusers' decoder (Wan 2.2 at 704x1280 on
-        # the H200: most convs of several frames per call give other bits), diffusers' own stream runs instead.
-        engine_s, got = self._timed(lambda: torch.cat([piece.video() for piece in self._stream(z, k)], dim=2))
-        diffusers_s, want = self._timed(lambda: self.vae.decode(z).sample)
-        if not torch.equal(got, want):
-            self.ctx.fall_back_everywhere("the self-check's clip, decoded whole, gave other bits than diffusers'")
-        if engine_s > diffusers_s and self.ctx.device.type == "cuda":  # (on the CPU the engine is for tests)
-            self.ctx.fallbacks["decoder"] = (f"with its fallbacks the engine decoded the check clip in "
-                                             f"{engine_s:.3f} s, diffusers' decoder in {diffusers_s:.3f} s: "
-                                             "diffusers' stream runs")
-            self.diffusers_stream = True
+        diffusers_s, want = self._timed(lambda: self._diffusers_clip(z))
+        engine_s, got = self._timed(lambda: self._engine_clip(z, k))
+        if not all(torch.equal(g, x) for g, x in zip(got, want, strict=True)):
+            self.ctx.checking = True
+            try:
+                self._engine_clip(z, k)
+            finally:
+                self.ctx.checking = False
+            # Then the clip whole again: op by op is not enough (on the H200, the tiny test VAEs passed every op's
+            # check and still decoded to other bits, reason not found). diffusers' way for every op gave its bits
+            # in every case measured.
+            engine_s, got = self._timed(lambda: self._engine_clip(z, k))
+            if not all(torch.equal(g, x) for g, x in zip(got, want, strict=True)):
+                self.ctx.fall_back_everywhere("the self-check's clip, decoded whole, gave other bits than "
+                                              "diffusers'")
+            diffusers_s, _ = self._timed(lambda: self._diffusers_clip(z))  # its first call set up cuDNN's plans
+            # Where the fallbacks leave the engine slower than diffusers' own decoder, diffusers' stream runs.
+            if engine_s > diffusers_s and self.ctx.device.type == "cuda":  # (on the CPU the engine is for tests)
+                self.ctx.fallbacks["decoder"] = (f"with its fallbacks the engine decoded the check clip in "
+                                                 f"{engine_s:.3f} s, diffusers' decoder in {diffusers_s:.3f} s: "
+                                                 "diffusers' stream runs")
+                self.diffusers_stream = True
         self._checked.add(key)
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
         self.check_s += time.perf_counter() - t
+
+    def _engine_clip(self, z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clip's video [1, 3, F, H, W] and uint8 frames [F, H, W, 3] through the engine."""
+        videos, frames = [], []
+        for piece in self._stream(z, k):
+            f, h, w = piece.shape[2:]
+            frames.append(torch.empty((f, h, w, 3), dtype=torch.uint8, device=z.device))
+            piece.write_uint8(frames[-1])
+            videos.append(piece.video())
+        return torch.cat(videos, dim=2), torch.cat(frames)
+
+    def _diffusers_clip(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same from diffusers' `vae.decode` and the pipeline's uint8 conversion."""
+        from ..decode import to_uint8_frames
+
+        video = self.vae.decode(z).sample
+        frames = torch.empty((video.shape[2], video.shape[3], video.shape[4], 3), dtype=torch.uint8,
+                             device=z.device)
+        to_uint8_frames(video, frames)
+        return video, frames

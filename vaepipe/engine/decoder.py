@@ -180,17 +180,22 @@ class Conv(Op):
 
     def _run(self, frames: int, per_call: int, fast: Callable[[Way], Pending],
              reference: Callable[[], Pending]) -> Pending:
-        """The conv the engine's way: cuDNN's tuned algorithm for the steady calls (tuning pays there), its untuned
-        choice for the one-off first and last calls. The exact policy's self-check keeps, per call size, the first
-        way that gives diffusers' bits: over all the call's frames at once, then over diffusers' call extent (cuDNN
-        may pick another algorithm for a longer extent, as on Wan 2.2's convs on the H200), else diffusers' call."""
+        """The conv the engine's way: channels-last over all of the call's frames at once, with cuDNN's tuned
+        algorithm for the steady calls (tuning pays there) and its untuned choice for the one-off first and last
+        calls. Where that gives other bits, the exact policy's op-by-op check tries channels-last over diffusers'
+        call extent, untuned (cuDNN may pick another algorithm for a longer extent, as on Wan 2.2's last stage on
+        the H200; its heuristic choice there is diffusers' kernel without the layout transposes), else diffusers'
+        call.
+
+        PyTorch keeps one cuDNN plan per conv shape, layout and dtype for the whole process, tuned or not:
+        whichever call of that shape came first. So each extent has one candidate, and once the check has seen a
+        way give diffusers' bits, that way keeps giving them in this process."""
         way = REFERENCE if self.reference else self.ways.get(frames)
         if way is None and self.ctx.checking:
             want = reference()
-            preferred = frames == self.max_frames
-            ways = [Way(preferred, False), Way(not preferred, False)]
+            ways = [Way(tuned=frames == self.max_frames, per_call=False)]
             if frames > per_call:
-                ways += [Way(True, True), Way(False, True)]
+                ways.append(Way(tuned=False, per_call=True))
             for way in ways:
                 got = fast(way)
                 if torch.equal(kernels.materialize_reference(got), kernels.materialize_reference(want)):
@@ -200,8 +205,8 @@ class Conv(Op):
             self.ctx.fallbacks[f"{self.name} ({frames} frames)"] = ("channels-last gives other bits than"
                                                                     " diffusers' call")
             return want
-        if way is None:  # the fast policy; the exact one checks every call size first
-            way = REFERENCE if self.ctx.exact else Way(tuned=frames == self.max_frames, per_call=False)
+        if way is None:  # both policies' first choice (the exact one's self-check confirms it on the real shapes)
+            way = Way(tuned=frames == self.max_frames, per_call=False)
         return reference() if way.diffusers else fast(way)
 
     @property
