@@ -34,6 +34,20 @@ def check_upsample():
             assert torch.equal(out, want), (dtype, interleave, scale)
 
 
+def check_dup_up():
+    from diffusers.models.autoencoders.autoencoder_kl_wan import DupUp3D
+
+    for c_in, c_out, factor_t in ((8, 8, 2), (8, 4, 1), (6, 12, 2)):  # Wan 2.2's: (1024, 1024, 2), (1024, 512, 1)
+        module = DupUp3D(c_in, c_out, factor_t=factor_t, factor_s=2)
+        src = channels_last(1, c_in, 3, 4, 5)
+        for first in (True, False):
+            want = module(src.contiguous(), first_chunk=first)
+            window = torch.zeros((1, c_out, want.shape[2], want.shape[3] + 2, want.shape[4] + 2), dtype=src.dtype)
+            out = window.contiguous(memory_format=torch.channels_last_3d)[:, :, :, 1:-1, 1:-1]
+            kernels.dup_up(src, out, module, first=first)
+            assert torch.equal(out, want), (c_in, c_out, factor_t, first)
+
+
 def check_to_uint8():
     for dtype in (torch.float32, torch.bfloat16):
         for patch in (1, 2):
@@ -108,6 +122,7 @@ def check_norm_against_diffusers_ops():
 
 if __name__ == "__main__":
     check_upsample()
+    check_dup_up()
     check_to_uint8()
     check_exact_norm_order()
     check_norm_against_diffusers_ops()

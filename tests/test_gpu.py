@@ -177,6 +177,16 @@ def test_cuda_kernels_move_data_bit_for_bit_and_the_exact_norm_repeats_diffusers
         out = torch.empty_like(want, memory_format=torch.channels_last_3d)
         kernels.upsample(src, out, scale=2, interleave=interleave)
         assert torch.equal(out, want)
+    from diffusers.models.autoencoders.autoencoder_kl_wan import DupUp3D
+
+    for c_in, c_out, factor_t, h, w in ((1024, 1024, 2, 44, 80), (1024, 512, 1, 176, 320)):  # Wan 2.2's shortcuts
+        module = DupUp3D(c_in, c_out, factor_t=factor_t, factor_s=2)
+        src = cl(1, c_in, 2, h, w)
+        for first in (True, False):
+            want = module(src.contiguous(), first_chunk=first)
+            out = torch.empty_like(want, memory_format=torch.channels_last_3d)
+            kernels.dup_up(src, out, module, first=first)
+            assert torch.equal(out, want)
     for patch in (1, 2) if dtype == torch.bfloat16 else ():  # fp32 takes PyTorch's ops (kernels.to_uint8)
         src = Pending(cl(1, 3 * patch * patch, 3, 40, 52), torch.randn(3 * patch * patch, device="cuda").to(dtype))
         got = torch.zeros((3, 40 * patch, 52 * patch, 3), dtype=torch.uint8, device="cuda")

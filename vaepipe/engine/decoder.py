@@ -283,6 +283,18 @@ class Gather(Op):
                        lambda: out.copy_(kernels.upsample_reference(src, scale=scale, interleave=interleave)))
 
 
+class DupUp(Op):
+    """Wan 2.2's `DupUp3D` shortcut around an up block: pure data movement, into a channels-last tensor."""
+
+    def __init__(self, ctx: Context, name: str, module: nn.Module):
+        super().__init__(ctx, name)
+        self.module = module
+
+    def __call__(self, src: torch.Tensor, out: torch.Tensor, first: bool) -> None:
+        self.ctx.write(self, [out], lambda: kernels.dup_up(src, out, self.module, first=first),
+                       lambda: out.copy_(self.module(src.contiguous(), first_chunk=first)))
+
+
 class ResBlock:
     def __init__(self, ctx: Context, name: str, m: nn.Module):
         self.ctx = ctx
@@ -372,7 +384,8 @@ class UpBlock:
         upsampler = getattr(m, "upsampler", None) or (m.upsamplers[0] if getattr(m, "upsamplers", None) else None)
         prefix = f"{name}.upsampler" if hasattr(m, "upsampler") else f"{name}.upsamplers.0"
         self.upsampler = Upsample(ctx, prefix, upsampler) if upsampler is not None else None
-        self.shortcut = getattr(m, "avg_shortcut", None)
+        shortcut = getattr(m, "avg_shortcut", None)
+        self.shortcut = DupUp(ctx, f"{name}.avg_shortcut", shortcut) if shortcut is not None else None
 
     def convs(self) -> list[Conv]:
         return [c for r in self.resnets for c in r.convs()] + (self.upsampler.convs() if self.upsampler else [])
@@ -390,8 +403,11 @@ class UpBlock:
             x = r(x, frames, per_call)
         if self.upsampler:
             x, frames, per_call = self.upsampler(x, frames, per_call, first)
-        if self.shortcut is not None:  # data movement only: diffusers' own module
-            x = Pending(x.raw, x.bias, self.shortcut(x_in.contiguous(), first_chunk=first))
+        if self.shortcut is not None:
+            residual = torch.empty(x.shape, dtype=x_in.dtype, device=x_in.device,
+                                   memory_format=torch.channels_last_3d)
+            self.shortcut(x_in, residual, first)
+            x = Pending(x.raw, x.bias, residual)
         return x, frames, per_call
 
 

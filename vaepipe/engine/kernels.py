@@ -332,6 +332,26 @@ if triton is not None:
         tl.store(out_ptr + (f * o_st + y * o_sh + x * o_sw)[:, None] + c[None, :] * o_sc, v.to(io), mask=m)
 
     @_jit
+    def _dup_up_kernel(src_ptr, out_ptr, n_pix, H, W, C: tl.constexpr, s_st, s_sh, s_sw, s_sc,
+                       o_st, o_sh, o_sw, o_sc, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, FT: tl.constexpr,
+                       FS: tl.constexpr, REPEATS: tl.constexpr, SKIP: tl.constexpr):
+        """out[c, f, y, x] = src[(c * FT * FS * FS + (f' % FT) * FS * FS + (y % FS) * FS + x % FS) // REPEATS,
+        f' // FT, y // FS, x // FS], f' = f + SKIP: Wan 2.2's `DupUp3D` shortcut (repeat_interleave over channels,
+        then channel groups spread over time and space), written channels-last in one pass; diffusers makes three
+        copies (contiguous, repeat_interleave, permute)."""
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        pmask = p < n_pix
+        f, y, x = _pixels(p, H, W)
+        f = f + SKIP
+        sub = (f % FT) * (FS * FS) + (y % FS) * FS + x % FS
+        src_c = (c[None, :] * (FT * FS * FS) + sub[:, None]) // REPEATS
+        m = pmask[:, None] & (c < C)[None, :]
+        src = ((f // FT) * s_st + (y // FS) * s_sh + (x // FS) * s_sw)[:, None] + src_c * s_sc
+        v = tl.load(src_ptr + src, mask=m, other=0.0)
+        tl.store(out_ptr + ((f - SKIP) * o_st + y * o_sh + x * o_sw)[:, None] + c[None, :] * o_sc, v, mask=m)
+
+    @_jit
     def _to_uint8_kernel(raw_ptr, bias_ptr, out_ptr, n_pix, H, W, r_st, r_sh, r_sw, r_sc, o_sf, o_sh, o_sw,
                          BLOCK_P: tl.constexpr, PATCH: tl.constexpr, INTERPRET: tl.constexpr):
         """uint8 RGB from the last conv: its bias, Wan 2.2's unpatchify, clamp(-1, 1), then postprocess_video's
@@ -412,6 +432,21 @@ def upsample(src: Pending, out: torch.Tensor, *, scale: int, interleave: bool) -
         raw, bias, res, out, n_pix, h, w, c, *rs, *qs, *_strides(out),
         BLOCK_P=block_p, BLOCK_C=block_c, SCALE=scale, INTERLEAVE=interleave, HAS_BIAS=src.bias is not None,
         HAS_RES=src.res is not None, INTERPRET=_interpreting(), num_warps=4)
+
+
+def dup_up(src: torch.Tensor, out: torch.Tensor, module: torch.nn.Module, *, first: bool) -> None:
+    """Write diffusers' `DupUp3D` `module(src, first_chunk=first)` into `out` [1, C, F, H, W] (any strides)."""
+    if not triton_ready(src):
+        out.copy_(module(src.contiguous(), first_chunk=first))
+        return
+    _, c, f, h, w = out.shape
+    n_pix = f * h * w
+    block_c = min(128, triton.next_power_of_2(c))
+    block_p = max(1, 4096 // block_c)
+    _dup_up_kernel[(triton.cdiv(n_pix, block_p), triton.cdiv(c, block_c))](
+        src, out, n_pix, h, w, c, *_strides(src), *_strides(out), BLOCK_P=block_p, BLOCK_C=block_c,
+        FT=module.factor_t, FS=module.factor_s, REPEATS=module.repeats, SKIP=module.factor_t - 1 if first else 0,
+        num_warps=4)
 
 
 def to_uint8(src: Pending, out: torch.Tensor, *, patch: int) -> None:
