@@ -6,8 +6,8 @@ What changes against diffusers' own decoder (and what does not):
   already in place: its producer writes the new frames straight into the window, and the conv's own 2-frame cache
   is copied in before and out after (no `torch.cat`, no padding per call); windows are shared by convs of one shape;
 - several latent frames per decoder call after the first (exact for causal convs);
-- the conv bias, the residual add, the RMS norm and SiLU run as one kernel, and the upsamplers' frame interleave and
-  nearest upsampling as one gather (kernels.py);
+- the conv bias, the residual add, the RMS norm and SiLU run as one kernel, the upsamplers' frame interleave and
+  nearest upsampling as one gather, and Wan 2.2's DupUp3D shortcut as another (kernels.py);
 - the attention block (once per latent frame, at latent resolution) and the post-quant conv are diffusers' own.
 
 Every op has the engine's way and diffusers' way (`reference`). The exact policy's self-check runs both on the real
