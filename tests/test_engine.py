@@ -73,6 +73,30 @@ def test_self_check_catches_a_broken_fused_op_and_falls_back_to_diffusers_op(mon
     assert not torch.equal(_decode(fast, z), want) and not fast.fallbacks
 
 
+def test_the_self_check_runs_ops_both_ways_only_where_the_clip_differs(monkeypatch):
+    """Where the engine's way gives diffusers' clip, the check is one decode each way: no op runs twice. The convs'
+    channels-last ways are stood in for by diffusers' calls (CPU convs give other bits channels-last)."""
+    from vaepipe.engine.decoder import Context, Conv
+
+    monkeypatch.setattr(Conv, "_fast", lambda self, window, frames, per_call, way: self._reference(
+        window, frames, per_call))
+    checking = []
+    real_write = Context.write
+
+    def spy(self, op, outputs, fast, reference):
+        checking.append(self.checking)
+        real_write(self, op, outputs, fast, reference)
+
+    monkeypatch.setattr(Context, "write", spy)
+    vae = tiny_vae("random:wan2.2-tiny", torch.bfloat16)
+    z = torch.randn(1, 48, 4, 4, 6, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    with torch.inference_mode():
+        want = vae.decode(z).sample
+    engine = Engine(vae, exact=True, chunk=2)
+    assert torch.equal(_decode(engine, z), want)
+    assert checking and not any(checking) and not engine.fallbacks and engine.check_s > 0
+
+
 def test_a_break_the_op_checks_miss_is_caught_by_the_whole_clip_check(monkeypatch):
     from vaepipe.engine.decoder import Context
 
