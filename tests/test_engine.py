@@ -44,13 +44,19 @@ def test_fast_engine_stays_within_rounding_of_diffusers(dtype, tolerance):
     assert (got.float() - want.float()).abs().max() <= tolerance
 
 
-def _broken_norm_case(monkeypatch, *, seed: int):
-    """A tiny bf16 VAE, latents and diffusers' decode of them; then every fused norm one ulp off: what a kernel
-    summing in another order would do."""
-    vae = tiny_vae("random:wan2.1-tiny", torch.bfloat16)
-    z = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+def _tiny_clip(preset: str, frames: int, *, seed: int):
+    """A tiny bf16 VAE, latents of `frames` latent frames and diffusers' decode of them."""
+    vae = tiny_vae(preset, torch.bfloat16)
+    z = torch.randn(1, vae.config.z_dim, frames, 4, 6, generator=torch.Generator().manual_seed(seed))
+    z = z.to(torch.bfloat16)
     with torch.inference_mode():
-        want = vae.decode(z).sample
+        return vae, z, vae.decode(z).sample
+
+
+def _broken_norm_case(monkeypatch, *, seed: int):
+    """A tiny clip (`_tiny_clip`); then every fused norm one ulp off: what a kernel summing in another order would
+    do."""
+    vae, z, want = _tiny_clip("random:wan2.1-tiny", 3, seed=seed)
     real = kernels.norm_silu
 
     def off_by_one_ulp(src, gamma, y, x=None, **kw):
@@ -88,10 +94,7 @@ def test_the_self_check_runs_ops_both_ways_only_where_the_clip_differs(monkeypat
         real_write(self, op, outputs, fast, reference)
 
     monkeypatch.setattr(Context, "write", spy)
-    vae = tiny_vae("random:wan2.2-tiny", torch.bfloat16)
-    z = torch.randn(1, 48, 4, 4, 6, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
-    with torch.inference_mode():
-        want = vae.decode(z).sample
+    vae, z, want = _tiny_clip("random:wan2.2-tiny", 4, seed=4)
     engine = Engine(vae, exact=True, chunk=2)
     assert torch.equal(_decode(engine, z), want)
     assert checking and not any(checking) and not engine.fallbacks and engine.check_s > 0
@@ -122,10 +125,7 @@ def test_a_conv_whose_multi_frame_call_differs_runs_per_call_channels_last(monke
         return out
 
     monkeypatch.setattr(Conv, "_fast", fake_fast)
-    vae = tiny_vae("random:wan2.1-tiny", torch.bfloat16)
-    z = torch.randn(1, 16, 4, 4, 6, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
-    with torch.inference_mode():
-        want = vae.decode(z).sample
+    vae, z, want = _tiny_clip("random:wan2.1-tiny", 4, seed=3)
     engine = Engine(vae, exact=True, chunk=2)
     assert torch.equal(_decode(engine, z), want)
     ways = [way for conv in engine.decoder.convs() if conv.module.kernel_size != (1, 1, 1)

@@ -171,7 +171,7 @@ class Engine:
                         dtype=torch.float32).to(param.dtype)
         diffusers_s, want = self._timed(lambda: self._diffusers_clip(z))
         engine_s, got = self._timed(lambda: self._engine_clip(z, k))
-        if not all(torch.equal(g, x) for g, x in zip(got, want, strict=True)):
+        if not _same(got, want):
             self.ctx.checking = True
             try:
                 self._engine_clip(z, k)
@@ -181,7 +181,7 @@ class Engine:
             # check and still decoded to other bits, reason not found). diffusers' way for every op gave its bits
             # in every case measured.
             engine_s, got = self._timed(lambda: self._engine_clip(z, k))
-            if not all(torch.equal(g, x) for g, x in zip(got, want, strict=True)):
+            if not _same(got, want):
                 self.ctx.fall_back_everywhere("the self-check's clip, decoded whole, gave other bits than "
                                               "diffusers'")
             diffusers_s, _ = self._timed(lambda: self._diffusers_clip(z))  # its first call set up cuDNN's plans
@@ -211,7 +211,10 @@ class Engine:
         from ..decode import to_uint8_frames
 
         video = self.vae.decode(z).sample
-        frames = torch.empty((video.shape[2], video.shape[3], video.shape[4], 3), dtype=torch.uint8,
-                             device=z.device)
+        frames = torch.empty((*video.shape[2:], 3), dtype=torch.uint8, device=z.device)
         to_uint8_frames(video, frames)
         return video, frames
+
+
+def _same(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> bool:
+    return all(torch.equal(g, w) for g, w in zip(got, want, strict=True))

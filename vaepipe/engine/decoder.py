@@ -133,7 +133,7 @@ class Conv(Op):
         self.cache: torch.Tensor | None = None
         self._window: torch.Tensor | None = None
         self.ways: dict[int, Way] = {}
-        """Frames per call -> the way the exact policy's self-check chose."""
+        """Frames per call -> the way the exact policy runs it (what its self-check chose)."""
 
     @property
     def channels(self) -> int:
@@ -296,7 +296,7 @@ class DupUp(Op):
 
     def __call__(self, src: torch.Tensor, out: torch.Tensor, first: bool) -> None:
         self.ctx.write(self, [out], lambda: kernels.dup_up(src, out, self.module, first=first),
-                       lambda: out.copy_(self.module(src.contiguous(), first_chunk=first)))
+                       lambda: out.copy_(kernels.dup_up_reference(src, self.module, first=first)))
 
 
 class ResBlock:

@@ -100,6 +100,11 @@ def upsample_reference(src: Pending, *, scale: int, interleave: bool) -> torch.T
     return v
 
 
+def dup_up_reference(src: torch.Tensor, module: torch.nn.Module, *, first: bool) -> torch.Tensor:
+    """diffusers' own `DupUp3D` module (Wan 2.2's shortcut), on diffusers' layout: data movement."""
+    return module(src.contiguous(), first_chunk=first)
+
+
 def to_uint8_reference(src: Pending, out: torch.Tensor, *, patch: int) -> None:
     """Wan's `unpatchify`, `clamp(-1, 1)`, then the uint8 frames of `postprocess_video` (float32, round half to even)
     into `out` [F, H, W, 3] (its real region)."""
@@ -437,7 +442,7 @@ def upsample(src: Pending, out: torch.Tensor, *, scale: int, interleave: bool) -
 def dup_up(src: torch.Tensor, out: torch.Tensor, module: torch.nn.Module, *, first: bool) -> None:
     """Write diffusers' `DupUp3D` `module(src, first_chunk=first)` into `out` [1, C, F, H, W] (any strides)."""
     if not triton_ready(src):
-        out.copy_(module(src.contiguous(), first_chunk=first))
+        out.copy_(dup_up_reference(src, module, first=first))
         return
     _, c, f, h, w = out.shape
     n_pix = f * h * w
