@@ -30,7 +30,7 @@ def test_exact_engine_equals_diffusers_decode_bit_for_bit(preset, dtype, chunk):
     z = torch.randn(1, vae.config.z_dim, 4, 4, 6, generator=torch.Generator().manual_seed(chunk)).to(dtype)
     with torch.inference_mode():
         want = vae.decode(z).sample
-    assert torch.equal(_decode(Engine(vae, exact=True, chunk=chunk), z), want)  # chunk 2: 1 + 2 + a remainder of 1
+    assert torch.equal(_decode(Engine(vae, exact=True, chunk=chunk), z), want)  # chunk 2: 1, a remainder of 1, then 2
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
@@ -98,6 +98,40 @@ def test_the_self_check_runs_ops_both_ways_only_where_the_clip_differs(monkeypat
     engine = Engine(vae, exact=True, chunk=2)
     assert torch.equal(_decode(engine, z), want)
     assert checking and not any(checking) and not engine.fallbacks and engine.check_s > 0
+
+
+def test_the_self_check_adds_only_diffusers_decode_of_the_clips_first_calls_once_per_call_shape(monkeypatch):
+    """The check compares the clip's own first pieces with diffusers' decode of those latent frames: the engine
+    decodes every latent frame once, diffusers' loop only the first 1 + k; a later clip checks only call shapes no
+    check has seen (here a remainder call)."""
+    import vaepipe.decode as decode_module
+    from vaepipe.engine.decoder import Conv, Decoder
+
+    monkeypatch.setattr(Conv, "_fast", lambda self, window, frames, per_call, way: self._reference(
+        window, frames, per_call))  # (CPU convs give other bits channels-last)
+    calls, diffusers_frames = [], []
+    real_call, real_stream = Decoder.__call__, decode_module.decode_stream
+
+    def spy_call(self, latents, first):
+        calls.append(latents.shape[2])
+        return real_call(self, latents, first)
+
+    def spy_stream(vae, z, **kwargs):
+        for video in real_stream(vae, z, **kwargs):
+            diffusers_frames.append(video.shape[2])
+            yield video
+
+    monkeypatch.setattr(Decoder, "__call__", spy_call)
+    monkeypatch.setattr(decode_module, "decode_stream", spy_stream)
+    vae, z, want = _tiny_clip("random:wan2.1-tiny", 5, seed=6)
+    engine = Engine(vae, exact=True, chunk=2)
+    for latent_frames, checked in ((5, 1 + 4 + 4), (5, 0), (4, 1 + 4)):  # the last: calls of 1, 1 (new), 2
+        calls.clear(), diffusers_frames.clear()
+        before = engine.check_s
+        assert torch.equal(_decode(engine, z[:, :, :latent_frames]), want[:, :, : 1 + 4 * (latent_frames - 1)])
+        assert sum(calls) == latent_frames and sum(diffusers_frames) == checked
+        assert (engine.check_s > before) == (checked > 0)
+    assert not engine.fallbacks
 
 
 def test_a_break_the_op_checks_miss_is_caught_by_the_whole_clip_check(monkeypatch):

@@ -2,10 +2,10 @@
 
 One engine, two arithmetic policies (kernels.py says what differs):
 - fast (the default on GPUs): fused freely, as close to an fp32 decode as diffusers' own bf16 decode;
-- exact (`--exact` on GPUs): diffusers' bits. Before the first decode of a VAE at a frame size, a self-check decodes a
-  short random clip of that size the engine's way and diffusers' way; if the bits differ, it runs every op both
-  ways, and every op whose bits differ (another GPU, cuDNN, torch or diffusers) runs diffusers' way from then on;
-  `fallbacks` says which.
+- exact (`--exact` on GPUs): diffusers' bits. The first time a process decodes with a VAE at a frame size, a
+  self-check compares the engine's first pieces of the clip (1 + k latent frames, one more with a remainder) with
+  diffusers' decode of the same latent frames; if the bits differ, it runs every op both ways, and every op whose
+  bits differ (another GPU, cuDNN, torch or diffusers) runs diffusers' way from then on; `fallbacks` says which.
 
     engine = Engine(vae, exact=True)
     for piece in engine.stream(z):        # z: [1, C, T, h, w], denormalised, on the VAE's device and dtype
@@ -123,16 +123,26 @@ class Engine:
 
     def stream(self, z: torch.Tensor) -> Iterator[Piece]:
         """Decode one sample `z` [1, C, T, h, w] (denormalised, on the VAE's device and dtype) piece by piece."""
+        from ..decode import decode_stream
+
         _, _, frames, h, w = z.shape
         k = self.chunk_for(h, w)
-        if self.exact:
-            self._self_check(h, w, k, frames)
-        if self.diffusers_stream:
-            from ..decode import decode_stream
-
-            yield from (Piece(Pending(video), self.final, 1) for video in decode_stream(self.vae, z))
-            return
-        yield from self._stream(z, k)
+        if not self.diffusers_stream:
+            x = self.vae.post_quant_conv(z)  # diffusers' own call, on the whole latent as in `_decode`
+            sizes = schedule(frames, k)
+            pieces = self._stream(x, k, sizes)
+            calls = self._unchecked_calls(h, w, k, sizes) if self.exact else 0
+            if calls:
+                held = [next(pieces) for _ in range(calls)]
+                if self._self_check(z, x, k, sizes[:calls], held):
+                    yield from held
+                else:  # the check changed how ops run: decode again from the start
+                    pieces.close()
+                    pieces = self._stream(x, k, sizes)
+            if not self.diffusers_stream:
+                yield from pieces
+                return
+        yield from (Piece(Pending(video), self.final, 1) for video in decode_stream(self.vae, z))
 
     def _timed(self, call):
         """(seconds, result) of call(), the GPU's work included."""
@@ -144,76 +154,102 @@ class Engine:
             torch.cuda.synchronize(self.ctx.device)
         return time.perf_counter() - t, out
 
-    def _stream(self, z: torch.Tensor, k: int) -> Iterator[Piece]:
-        _, _, frames, h, w = z.shape
-        x = self.vae.post_quant_conv(z)  # diffusers' own call, on the whole latent as in `_decode`
+    def _stream(self, x: torch.Tensor, k: int, sizes: list[int]) -> Iterator[Piece]:
+        """The engine's pieces of post-quant latents `x`, one per decoder call of `sizes` latent frames."""
+        _, _, _, h, w = x.shape
         self.decoder.setup(h, w, k)
-        # Remainders go one latent frame at a time, so that a clip of any length runs only three call shapes.
-        sizes = [1] + [k] * ((frames - 1) // k) + [1] * ((frames - 1) % k)
         start = 0
         for i, n in enumerate(sizes):
             value, _ = self.decoder(x[:, :, start : start + n], first=i == 0)
             start += n
             yield Piece(value, self.final, self.patch)
 
-    def _self_check(self, h: int, w: int, k: int, frames: int) -> None:
-        """Decode a short random clip of this size the engine's way and diffusers' way (`vae.decode`); where the
-        bits differ, find the ops that give them (every op run both ways, see Context.write and Conv._run), let
-        those run diffusers' way, and compare the clip again."""
-        key = (h, w, k, (frames - 1) % k > 0)
-        if key in self._checked:
-            return
+    def _unchecked_calls(self, h: int, w: int, k: int, sizes: list[int]) -> int:
+        """How many of the first calls the self-check must see: up to the last one whose shape (latent size, frames,
+        first or not, at k frames per steady call) no check has seen yet in this process."""
+        seen, calls = set(self._checked), 0
+        for i, n in enumerate(sizes):
+            shape = (h, w, k, n, i == 0)
+            if shape not in seen:
+                seen.add(shape)
+                calls = i + 1
+        return calls
+
+    def _self_check(self, z: torch.Tensor, x: torch.Tensor, k: int, sizes: list[int], held: list[Piece]) -> bool:
+        """Compare the engine's first pieces of this clip (`held`, from calls of `sizes` latent frames) with
+        diffusers' decode of the same latent frames. Where the bits differ, find the ops that give them (every op run
+        both ways, see Context.write and Conv._run), let those run diffusers' way, and compare again. True where the
+        held pieces are diffusers' bits (the decode goes on from them); False where ops changed (decode again).
+
+        The pieces checked are the clip's own: the check adds only diffusers' decode of its first 1 + k (+ 1)
+        latent frames, and each call shape is checked once per process."""
         t = time.perf_counter()
-        length = 1 + k + (1 if key[3] else 0)
-        gen = torch.Generator(device=self.ctx.device).manual_seed(0)
-        param = next(self.vae.parameters())
-        z = torch.randn((1, self.vae.config.z_dim, length, h, w), generator=gen, device=param.device,
-                        dtype=torch.float32).to(param.dtype)
-        diffusers_s, want = self._timed(lambda: self._diffusers_clip(z))
-        engine_s, got = self._timed(lambda: self._engine_clip(z, k))
-        if not _same(got, want):
+        n = sum(sizes)
+        x = x[:, :, :n]
+        diffusers_s, want = self._timed(lambda: self._diffusers_clip(z, n))
+        same = _same(self._engine_clip(held), want)
+        if not same:
             self.ctx.checking = True
             try:
-                self._engine_clip(z, k)
+                for _ in self._stream(x, k, sizes):
+                    pass
             finally:
                 self.ctx.checking = False
             # Then the clip whole again: op by op is not enough (on the H200, the tiny test VAEs passed every op's
             # check and still decoded to other bits, reason not found). diffusers' way for every op gave its bits
             # in every case measured.
-            engine_s, got = self._timed(lambda: self._engine_clip(z, k))
+            engine_s, got = self._timed(lambda: self._engine_clip(list(self._stream(x, k, sizes))))
             if not _same(got, want):
                 self.ctx.fall_back_everywhere("the self-check's clip, decoded whole, gave other bits than "
                                               "diffusers'")
-            diffusers_s, _ = self._timed(lambda: self._diffusers_clip(z))  # its first call set up cuDNN's plans
+            diffusers_s, _ = self._timed(lambda: self._diffusers_clip(z, n))  # its first call set up cuDNN's plans
             # Where the fallbacks leave the engine slower than diffusers' own decoder, diffusers' stream runs.
             if engine_s > diffusers_s and self.ctx.device.type == "cuda":  # (on the CPU the engine is for tests)
                 self.ctx.fallbacks["decoder"] = (f"with its fallbacks the engine decoded the check clip in "
                                                  f"{engine_s:.3f} s, diffusers' decoder in {diffusers_s:.3f} s: "
                                                  "diffusers' stream runs")
                 self.diffusers_stream = True
-        self._checked.add(key)
+        _, _, _, h, w = z.shape
+        self._checked.update((h, w, k, m, i == 0) for i, m in enumerate(sizes))
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
         self.check_s += time.perf_counter() - t
+        return same
 
-    def _engine_clip(self, z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The clip's video [1, 3, F, H, W] and uint8 frames [F, H, W, 3] through the engine."""
+    def _engine_clip(self, pieces: list[Piece]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The video [1, 3, F, H, W] and uint8 frames [F, H, W, 3] of engine pieces."""
         videos, frames = [], []
-        for piece in self._stream(z, k):
+        for piece in pieces:
             f, h, w = piece.shape[2:]
-            frames.append(torch.empty((f, h, w, 3), dtype=torch.uint8, device=z.device))
+            frames.append(torch.empty((f, h, w, 3), dtype=torch.uint8, device=piece.value.raw.device))
             piece.write_uint8(frames[-1])
             videos.append(piece.video())
         return torch.cat(videos, dim=2), torch.cat(frames)
 
-    def _diffusers_clip(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same from diffusers' `vae.decode` and the pipeline's uint8 conversion."""
-        from ..decode import to_uint8_frames
+    def _diffusers_clip(self, z: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same from diffusers' decode of z's first n latent frames (its own loop, `decode_stream`, on the whole
+        latent: what `vae.decode(z)` computes for them) and the pipeline's uint8 conversion."""
+        from ..decode import decode_stream, frames_per_latent, to_uint8_frames
 
-        video = self.vae.decode(z).sample
+        wanted = 1 + (n - 1) * frames_per_latent(self.vae)
+        videos, have = [], 0
+        for video in decode_stream(self.vae, z):
+            videos.append(video)
+            have += video.shape[2]
+            if have == wanted:
+                break
+        video = torch.cat(videos, dim=2)
         frames = torch.empty((*video.shape[2:], 3), dtype=torch.uint8, device=z.device)
         to_uint8_frames(video, frames)
         return video, frames
+
+
+def schedule(frames: int, k: int) -> list[int]:
+    """Latent frames per decoder call for a clip of `frames`: the first alone, then k at a time; the remainder one at
+    a time, so that a clip of any length runs only three call shapes. The first remainder call comes right after the
+    first, so that the self-check meets every call shape within 1 + 1 + k latent frames."""
+    q, r = divmod(frames - 1, k)
+    return [1] + [1] * min(r, 1) + [k] * q + [1] * max(r - 1, 0)
 
 
 def _same(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> bool:
