@@ -85,12 +85,16 @@ class Engine:
         self.final = Op(self.ctx, "uint8 frames")
         if exact and kernels.triton_ready(param) and self.decoder.conv_out.channels < VERIFIED_WIDTH:
             self.ctx.fall_back_everywhere(f"a decoder narrower than {VERIFIED_WIDTH} channels is not verified")
-        self.check_s = 0.0
-        """Seconds the self-checks took in all (exact policy)."""
         self._checked: set[tuple] = set()
         self.diffusers_stream = False
         """Exact policy on GPUs: the self-check found diffusers' own decoder faster than the engine with its
         fallbacks, so the pieces come from diffusers' stream."""
+
+    @property
+    def check_s(self) -> float:
+        """Seconds the self-checks took in all (exact policy): diffusers' decode of the checked latent frames and
+        its convs' calls, the comparisons, and, where bits differed, the op-by-op pass."""
+        return self.ctx.check_s
 
     @property
     def fallbacks(self) -> dict[str, str]:
@@ -132,16 +136,21 @@ class Engine:
             sizes = schedule(frames, k)
             pieces = self._stream(x, k, sizes)
             calls = self._unchecked_calls(h, w, k, sizes) if self.exact else 0
-            if calls:
-                held = [next(pieces) for _ in range(calls)]
-                if self._self_check(z, x, k, sizes[:calls], held):
-                    yield from held
-                else:  # the check changed how ops run: decode again from the start
+            held = []
+            if calls:  # the first pieces with each conv run both ways (diffusers' call and the engine's ways)
+                self.ctx.checking_convs = True
+                try:
+                    held = [next(pieces) for _ in range(calls)]
+                finally:
+                    self.ctx.checking_convs = False
+                if not self._self_check(z, x, k, sizes[:calls], held):  # how ops run changed: decode again
                     pieces.close()
-                    pieces = self._stream(x, k, sizes)
+                    held, pieces = [], self._stream(x, k, sizes)
             if not self.diffusers_stream:
+                yield from held
                 yield from pieces
                 return
+            pieces.close()
         yield from (Piece(Pending(video), self.final, 1) for video in decode_stream(self.vae, z))
 
     def _timed(self, call):
@@ -176,44 +185,46 @@ class Engine:
         return calls
 
     def _self_check(self, z: torch.Tensor, x: torch.Tensor, k: int, sizes: list[int], held: list[Piece]) -> bool:
-        """Compare the engine's first pieces of this clip (`held`, from calls of `sizes` latent frames) with
-        diffusers' decode of the same latent frames. Where the bits differ, find the ops that give them (every op run
-        both ways, see Context.write and Conv._run), let those run diffusers' way, and compare again. True where the
-        held pieces are diffusers' bits (the decode goes on from them); False where ops changed (decode again).
+        """Compare the engine's first pieces of this clip (`held`, from calls of `sizes` latent frames, each conv
+        already checked on them) with diffusers' decode of the same latent frames. Where the bits differ, find the
+        ops that give them (every op run both ways, see Context.write), let those run diffusers' way, and compare
+        again. True where the held pieces are diffusers' bits (the decode goes on from them); False where ops
+        changed or the decoder ran again (decode again from the start).
 
-        The pieces checked are the clip's own: the check adds only diffusers' decode of its first 1 + k (+ 1)
-        latent frames, and each call shape is checked once per process."""
-        t = time.perf_counter()
-        n = sum(sizes)
-        x = x[:, :, :n]
-        diffusers_s, want = self._timed(lambda: self._diffusers_clip(z, n))
-        same = _same(self._engine_clip(held), want)
-        if not same:
-            self.ctx.checking = True
-            try:
-                for _ in self._stream(x, k, sizes):
-                    pass
-            finally:
-                self.ctx.checking = False
-            # Then the clip whole again: op by op is not enough (on the H200, the tiny test VAEs passed every op's
-            # check and still decoded to other bits, reason not found). diffusers' way for every op gave its bits
-            # in every case measured.
-            engine_s, got = self._timed(lambda: self._engine_clip(list(self._stream(x, k, sizes))))
-            if not _same(got, want):
-                self.ctx.fall_back_everywhere("the self-check's clip, decoded whole, gave other bits than "
-                                              "diffusers'")
-            diffusers_s, _ = self._timed(lambda: self._diffusers_clip(z, n))  # its first call set up cuDNN's plans
-            # Where the fallbacks leave the engine slower than diffusers' own decoder, diffusers' stream runs.
-            if engine_s > diffusers_s and self.ctx.device.type == "cuda":  # (on the CPU the engine is for tests)
-                self.ctx.fallbacks["decoder"] = (f"with its fallbacks the engine decoded the check clip in "
-                                                 f"{engine_s:.3f} s, diffusers' decoder in {diffusers_s:.3f} s: "
-                                                 "diffusers' stream runs")
-                self.diffusers_stream = True
+        The pieces checked are the clip's own: the check adds diffusers' decode of its first 1 + k (+ 1) latent
+        frames and its convs' calls, and each call shape is checked once per process."""
+        with self.ctx.check_time():
+            n = sum(sizes)
+            x = x[:, :, :n]
+            want = self._diffusers_clip(z, n)
+            same = _same(self._engine_clip(held), want)
+            if not same:
+                self.ctx.checking = True
+                try:
+                    for _ in self._stream(x, k, sizes):
+                        pass
+                finally:
+                    self.ctx.checking = False
+                # Then the clip whole again: op by op is not enough (on the H200, the tiny test VAEs passed every
+                # op's check and still decoded to other bits, reason not found). diffusers' way for every op gave
+                # its bits in every case measured.
+                engine_s, got = self._timed(lambda: self._engine_clip(list(self._stream(x, k, sizes))))
+                if not _same(got, want):
+                    self.ctx.fall_back_everywhere("the self-check's clip, decoded whole, gave other bits than "
+                                                  "diffusers'")
+            if self.ctx.fallbacks and self.ctx.device.type == "cuda":  # (on the CPU the engine is for tests)
+                # Where the fallbacks leave the engine slower than diffusers' own decoder, diffusers' stream runs.
+                if same:  # (a decode from the start: the held pieces' decoder state is gone)
+                    engine_s, _ = self._timed(lambda: self._engine_clip(list(self._stream(x, k, sizes))))
+                    same = False
+                diffusers_s, _ = self._timed(lambda: self._diffusers_clip(z, n))  # (its first call set up plans)
+                if engine_s > diffusers_s:
+                    self.ctx.fallbacks["decoder"] = (f"with its fallbacks the engine decoded the check clip in "
+                                                     f"{engine_s:.3f} s, diffusers' decoder in {diffusers_s:.3f} s: "
+                                                     "diffusers' stream runs")
+                    self.diffusers_stream = True
         _, _, _, h, w = z.shape
         self._checked.update((h, w, k, m, i == 0) for i, m in enumerate(sizes))
-        if self.ctx.device.type == "cuda":
-            torch.cuda.synchronize(self.ctx.device)
-        self.check_s += time.perf_counter() - t
         return same
 
     def _engine_clip(self, pieces: list[Piece]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ shapes and keeps diffusers' way for any op whose bits differ (see engine/__init_
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -54,6 +55,12 @@ class Context:
         self.sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         self.checking = False
         """While True every op runs both ways, compares, and goes on with diffusers' bits."""
+        self.checking_convs = False
+        """While True each conv shape not yet checked runs both ways and keeps the first of its ways that gives
+        diffusers' bits (the exact policy's first pieces of a clip)."""
+        self.check_s = 0.0
+        """Seconds spent on checking: diffusers' ops and clip, and the comparisons."""
+        self._timing = 0
         self.fallbacks: dict[str, str] = {}
         """Op name -> why it runs diffusers' way."""
         self.ops: list[Op] = []
@@ -83,6 +90,22 @@ class Context:
         reference()
         if not all(torch.equal(g, o) for g, o in zip(got, outputs, strict=True)):
             self.fall_back(op, "its fused kernel gives other bits than diffusers' ops")
+
+    @contextlib.contextmanager
+    def check_time(self) -> Iterator[None]:
+        """Count the time inside (the GPU's work included) as the self-check's; nested, only the outermost counts."""
+        self._timing += 1
+        if self._timing == 1 and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._timing -= 1
+            if self._timing == 0:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.check_s += time.perf_counter() - t
 
     def fall_back(self, op: Op, why: str) -> None:
         op.reference = True
@@ -195,14 +218,17 @@ class Conv(Op):
             # The first latent frame's 2-D upsampling convs: one frame, nothing to gain; on the H200 their
             # channels-last bits differed on Wan 2.2, and finding that out sends the self-check op by op (2.9 s).
             way = self.ways[frames] = REFERENCE
-        if way is None and self.ctx.checking:
-            want = reference()
+        if way is None and (self.ctx.checking or self.ctx.checking_convs):
+            with self.ctx.check_time():
+                want = reference()
             ways = [Way(tuned=frames == self.max_frames, per_call=False)]
             if frames > per_call:
                 ways.append(Way(tuned=False, per_call=True))
             for way in ways:
-                got = fast(way)
-                if torch.equal(kernels.materialize_reference(got), kernels.materialize_reference(want)):
+                got = fast(way)  # (not the check's time: the decode runs it, and its first call tunes cuDNN)
+                with self.ctx.check_time():
+                    same = torch.equal(kernels.materialize_reference(got), kernels.materialize_reference(want))
+                if same:
                     self.ways[frames] = way
                     return got  # its bias still pending, as the decode hands it on: the next op is checked on that
             self.ways[frames] = REFERENCE
