@@ -212,9 +212,10 @@ class Engine:
                 if not _same(got, want):
                     self.ctx.fall_back_everywhere("the self-check's clip, decoded whole, gave other bits than "
                                                   "diffusers'")
+                    engine_s = None  # (timed before every op ran diffusers' way)
             if self.ctx.fallbacks and self.ctx.device.type == "cuda":  # (on the CPU the engine is for tests)
                 # Where the fallbacks leave the engine slower than diffusers' own decoder, diffusers' stream runs.
-                if same:  # (a decode from the start: the held pieces' decoder state is gone)
+                if same or engine_s is None:  # (same: a decode from the start; the held pieces' state is gone)
                     engine_s, _ = self._timed(lambda: self._engine_clip(list(self._stream(x, k, sizes))))
                     same = False
                 diffusers_s, _ = self._timed(lambda: self._diffusers_clip(z, n))  # (its first call set up plans)

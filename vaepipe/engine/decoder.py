@@ -155,8 +155,8 @@ class Conv(Op):
         self.bias = module.bias.detach()
         self.cache: torch.Tensor | None = None
         self._window: torch.Tensor | None = None
-        self.ways: dict[int, Way] = {}
-        """Frames per call -> the way the exact policy runs it (what its self-check chose)."""
+        self.ways: dict[tuple[tuple[int, int], int], Way] = {}
+        """(height x width, frames per call) -> the way the exact policy runs it (what its self-check chose)."""
 
     @property
     def channels(self) -> int:
@@ -189,7 +189,7 @@ class Conv(Op):
         frame count of diffusers' per-latent-frame calls at this layer (its call extent)."""
         window, self._window = self._window, None
         out = self._run(frames, per_call, lambda way: self._fast(window, frames, per_call, way),
-                        lambda: self._reference(window, frames, per_call))
+                        lambda n: self._reference(window, n, per_call))
         if self.time_pad:
             self.cache.copy_(window[:, :, frames : frames + self.time_pad])
         return out
@@ -198,11 +198,11 @@ class Conv(Op):
         """A 1x1x1 conv (the residual shortcut) on a tensor, materialised: the tensor is its own window."""
         frames = x.shape[2]
         out = self._run(frames, per_call, lambda way: self._fast(x, frames, per_call, way),
-                        lambda: self._reference(x, frames, per_call))
+                        lambda n: self._reference(x, n, per_call))
         return kernels.materialize_reference(out)
 
     def _run(self, frames: int, per_call: int, fast: Callable[[Way], Pending],
-             reference: Callable[[], Pending]) -> Pending:
+             reference: Callable[[int], Pending]) -> Pending:
         """The conv the engine's way: channels-last over all of the call's frames at once, with cuDNN's tuned
         algorithm for the steady calls (tuning pays there) and its untuned choice for the one-off first and last
         calls. Where that gives other bits, the exact policy's op-by-op check tries channels-last over diffusers'
@@ -213,14 +213,18 @@ class Conv(Op):
         PyTorch keeps one cuDNN plan per conv shape, layout and dtype for the whole process, tuned or not:
         whichever call of that shape came first. So each extent has one candidate, and once the check has seen a
         way give diffusers' bits, that way keeps giving them in this process."""
-        way = REFERENCE if self.reference else self.ways.get(frames)
+        key = (self.size, frames)
+        way = REFERENCE if self.reference else self.ways.get(key)
         if way is None and self.ctx.exact and self.two_d and frames == 1:
             # The first latent frame's 2-D upsampling convs: one frame, nothing to gain; on the H200 their
             # channels-last bits differed on Wan 2.2, and finding that out sends the self-check op by op (2.9 s).
-            way = self.ways[frames] = REFERENCE
-        if way is None and (self.ctx.checking or self.ctx.checking_convs):
+            way = self.ways[key] = REFERENCE
+        # The op-by-op pass checks every conv; the first pieces of a clip check the convs that have a choice (several
+        # calls' frames at once or per call), on all of their frames: on the H200 a Wan 2.2 conv over several calls'
+        # frames gave diffusers' bits in the first call's frames and not in the others.
+        if way is None and (self.ctx.checking or self.ctx.checking_convs and frames > per_call):
             with self.ctx.check_time():
-                want = reference()
+                want = reference(frames)
             ways = [Way(tuned=frames == self.max_frames, per_call=False)]
             if frames > per_call:
                 ways.append(Way(tuned=False, per_call=True))
@@ -229,15 +233,15 @@ class Conv(Op):
                 with self.ctx.check_time():
                     same = torch.equal(kernels.materialize_reference(got), kernels.materialize_reference(want))
                 if same:
-                    self.ways[frames] = way
+                    self.ways[key] = way
                     return got  # its bias still pending, as the decode hands it on: the next op is checked on that
-            self.ways[frames] = REFERENCE
+            self.ways[key] = REFERENCE
             self.ctx.fallbacks[f"{self.name} ({frames} frames)"] = ("channels-last gives other bits than"
                                                                     " diffusers' call")
             return want
         if way is None:  # both policies' first choice (the exact one's self-check confirms it on the real shapes)
             way = Way(tuned=frames == self.max_frames, per_call=False)
-        return reference() if way.diffusers else fast(way)
+        return reference(frames) if way.diffusers else fast(way)
 
     @property
     def exact_bits(self) -> bool | None:
