@@ -189,7 +189,7 @@ class Conv(Op):
         frame count of diffusers' per-latent-frame calls at this layer (its call extent)."""
         window, self._window = self._window, None
         out = self._run(frames, per_call, lambda way: self._fast(window, frames, per_call, way),
-                        lambda n: self._reference(window, n, per_call))
+                        lambda: self._reference(window, frames, per_call))
         if self.time_pad:
             self.cache.copy_(window[:, :, frames : frames + self.time_pad])
         return out
@@ -198,21 +198,21 @@ class Conv(Op):
         """A 1x1x1 conv (the residual shortcut) on a tensor, materialised: the tensor is its own window."""
         frames = x.shape[2]
         out = self._run(frames, per_call, lambda way: self._fast(x, frames, per_call, way),
-                        lambda n: self._reference(x, n, per_call))
+                        lambda: self._reference(x, frames, per_call))
         return kernels.materialize_reference(out)
 
     def _run(self, frames: int, per_call: int, fast: Callable[[Way], Pending],
-             reference: Callable[[int], Pending]) -> Pending:
+             reference: Callable[[], Pending]) -> Pending:
         """The conv the engine's way: channels-last over all of the call's frames at once, with cuDNN's tuned
         algorithm for the steady calls (tuning pays there) and its untuned choice for the one-off first and last
-        calls. Where that gives other bits, the exact policy's op-by-op check tries channels-last over diffusers'
+        calls. Where that gives other bits, the exact policy's self-check tries channels-last over diffusers'
         call extent, untuned (cuDNN may pick another algorithm for a longer extent, as on Wan 2.2's last stage on
         the H200; its heuristic choice there is diffusers' kernel without the layout transposes), else diffusers'
         call.
 
         PyTorch keeps one cuDNN plan per conv shape, layout and dtype for the whole process, tuned or not:
         whichever call of that shape came first. So each extent has one candidate, and once the check has seen a
-        way give diffusers' bits, that way keeps giving them in this process."""
+        way give diffusers' bits at a frame size, that way keeps giving them there in this process."""
         key = (self.size, frames)
         way = REFERENCE if self.reference else self.ways.get(key)
         if way is None and self.ctx.exact and self.two_d and frames == 1:
@@ -224,7 +224,7 @@ class Conv(Op):
         # frames gave diffusers' bits in the first call's frames and not in the others.
         if way is None and (self.ctx.checking or self.ctx.checking_convs and frames > per_call):
             with self.ctx.check_time():
-                want = reference(frames)
+                want = reference()
             ways = [Way(tuned=frames == self.max_frames, per_call=False)]
             if frames > per_call:
                 ways.append(Way(tuned=False, per_call=True))
@@ -241,7 +241,7 @@ class Conv(Op):
             return want
         if way is None:  # both policies' first choice (the exact one's self-check confirms it on the real shapes)
             way = Way(tuned=frames == self.max_frames, per_call=False)
-        return reference(frames) if way.diffusers else fast(way)
+        return reference() if way.diffusers else fast(way)
 
     @property
     def exact_bits(self) -> bool | None:
