@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -14,6 +16,15 @@ import torch
 
 from vaepipe.encode import ffmpeg_exe
 from vaepipe.vae import load_vae
+
+
+def start_vaepipe(*args: str, **popen) -> subprocess.Popen:
+    """`python -m vaepipe ARGS` as a shell in a terminal starts it, with Ctrl-C's default handling: also where the
+    tests themselves run with SIGINT ignored (a background job without job control does, and a child keeps that)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "vaepipe", *args], env=env, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
 
 
 def tiny_vae(preset: str = "random:wan2.1-tiny", dtype=torch.float32, device="cpu"):

@@ -22,7 +22,7 @@ from vaepipe.config import OPTION_KEYS, JobSpec, load_config
 from vaepipe.encode import EncodeOptions
 from vaepipe.runner import DecodeOptions
 
-from conftest import ffmpeg_processes_under, read_video, write_latents
+from conftest import ffmpeg_processes_under, read_video, start_vaepipe, write_latents
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (16, 3, 3, 5)  # 9 frames of 40x24: a fraction of a second per job on two CPU cores
@@ -145,9 +145,7 @@ def test_multi_sample_latents_record_every_output_and_resume(tmp_path):
 def test_killed_mid_job_then_rerun_finishes_the_rest_and_redoes_nothing_done(tmp_path, signum):
     # Jobs of about a second each, so that the signal lands mid-batch and not as the process exits.
     path = make_batch(tmp_path, 6, shape=(16, 5, 6, 10))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "vaepipe", "batch", str(path), "-q"], env=env,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_vaepipe("batch", str(path), "-q", stderr=subprocess.PIPE)
     manifest = tmp_path / "batch.manifest.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait for one job done and the next one's ffmpeg writing its temp file
@@ -306,9 +304,7 @@ def test_the_shipped_demo_config_runs_as_its_header_says(tmp_path):
 
 def test_ctrl_c_twice_mid_batch_leaves_only_whole_videos_and_no_ffmpeg(tmp_path):
     path = make_batch(tmp_path, 6, shape=(16, 5, 6, 10))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "vaepipe", "batch", str(path), "-q"], env=env,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_vaepipe("batch", str(path), "-q", stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not list((tmp_path / "out").glob(".*.part")) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read()

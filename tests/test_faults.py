@@ -1,9 +1,7 @@
 """Failures mid-run: one clear error, no partial output, no ffmpeg left behind, no lane left hanging."""
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,9 +16,7 @@ from vaepipe.encode import EncodeOptions
 from vaepipe.errors import VaepipeError
 from vaepipe.runner import DecodeOptions, Session
 
-from conftest import ffmpeg_processes_under, write_latents
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ffmpeg_processes_under, start_vaepipe, write_latents
 
 
 def leftovers(folder: Path) -> list[Path]:
@@ -99,10 +95,8 @@ def test_decode_error_mid_stream_stops_every_lane(tmp_path, latents_file, monkey
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 130)])
 def test_interrupt_mid_run_leaves_no_partial_file_and_no_ffmpeg(tmp_path, signum, code):
     write_latents(tmp_path / "lat.pt", (16, 200, 6, 10))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "vaepipe", "decode", str(tmp_path / "lat.pt"),
-                             str(tmp_path / "out.mp4"), "--vae", "random:wan2.1-tiny", "--device", "cpu", "-q"],
-                            env=env, stderr=subprocess.PIPE, text=True)
+    proc = start_vaepipe("decode", str(tmp_path / "lat.pt"), str(tmp_path / "out.mp4"), "--vae", "random:wan2.1-tiny",
+                         "--device", "cpu", "-q", stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".out.mp4.*.part")) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read()

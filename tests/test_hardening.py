@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,9 +18,8 @@ from typer.testing import CliRunner
 from vaepipe import runner as runner_module
 from vaepipe.cli import app
 
-from conftest import tiny_vae, write_latents
+from conftest import start_vaepipe, tiny_vae, write_latents
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--vae", "random:wan2.1-tiny", "--device", "cpu"]
 
 
@@ -315,9 +312,7 @@ def test_info_says_plainly_that_there_is_no_gpu():
 # -- Ctrl-C during start-up --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("signals", [1, 2], ids=["once", "twice"])
 def test_ctrl_c_during_start_up_exits_130_without_a_traceback(signals):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "vaepipe", "info"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_vaepipe("info", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     maps = Path(f"/proc/{proc.pid}/maps")
     deadline = time.monotonic() + 60
     while "libtorch" not in maps.read_text() and time.monotonic() < deadline:  # importing torch: start-up

@@ -4,7 +4,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -20,9 +19,8 @@ from vaepipe.encode import EncodeOptions, Encoder, output_sha256, plan_encode
 from vaepipe.errors import BadInput, VaepipeError
 from vaepipe.segments import SegmentedEncoder, segment_lengths, split, timestamp_step
 
-from conftest import ffmpeg_processes_under, frame_times, read_video, write_latents
+from conftest import ffmpeg_processes_under, frame_times, read_video, start_vaepipe, write_latents
 
-ROOT = Path(__file__).resolve().parents[1]
 H, W = 32, 48
 
 
@@ -218,10 +216,8 @@ def test_cli_decode_with_encoders_matches_one_encoder_frame_for_frame(tmp_path):
 
 def test_sigterm_mid_segmented_run_leaves_no_partial_file_and_no_ffmpeg(tmp_path):
     write_latents(tmp_path / "lat.pt", (16, 200, 6, 10))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "vaepipe", "decode", str(tmp_path / "lat.pt"),
-                             str(tmp_path / "out.mkv"), "--vae", "random:wan2.1-tiny", "--device", "cpu", "--codec",
-                             "ffv1", "--encoders", "4", "-q"], env=env, stderr=subprocess.PIPE, text=True)
+    proc = start_vaepipe("decode", str(tmp_path / "lat.pt"), str(tmp_path / "out.mkv"), "--vae", "random:wan2.1-tiny",
+                         "--device", "cpu", "--codec", "ffv1", "--encoders", "4", "-q", stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while len(ffmpeg_processes_under(tmp_path)) < 4 and time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read()
