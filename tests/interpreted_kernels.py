@@ -120,10 +120,19 @@ def check_norm_against_diffusers_ops():
             assert (y.float() - want.float()).abs().max() <= (0.02 if dtype == torch.bfloat16 else 1e-5)
 
 
+def check_fingerprints():
+    for dtype in (torch.float32, torch.bfloat16):
+        t = channels_last(1, 8, 4, 20, 30, dtype=dtype)  # rows of 2 x 4,800 values: two blocks, the last partial
+        want = kernels.fingerprints_reference(kernels.fingerprint_rows(t, 2))
+        assert torch.equal(kernels.fingerprints(t, 2), want), dtype
+        assert torch.equal(kernels.fingerprints(t.contiguous(), 2), want), dtype  # the layout does not count
+
+
 if __name__ == "__main__":
     check_upsample()
     check_dup_up()
     check_to_uint8()
     check_exact_norm_order()
     check_norm_against_diffusers_ops()
+    check_fingerprints()
     print("all kernel checks passed")

@@ -68,12 +68,18 @@ def _broken_norm_case(monkeypatch, *, seed: int):
 
 
 def test_self_check_catches_a_broken_fused_op_and_falls_back_to_diffusers_op(monkeypatch):
+    """Only the broken op falls back: the convs after it, whose fingerprints differed from diffusers' because their
+    input did, are checked again op by op and keep the engine's way."""
+    from vaepipe.engine.decoder import Conv
+
+    monkeypatch.setattr(Conv, "_fast", lambda self, window, frames, per_call, way: self._reference(
+        window, frames, per_call))  # (CPU convs give other bits channels-last)
     vae, z, want = _broken_norm_case(monkeypatch, seed=2)
     engine = Engine(vae, exact=True, chunk=2)
     assert torch.equal(_decode(engine, z), want)
     fused_norms = {name for name, m in vae.decoder.named_modules()
                    if type(m).__name__ == "WanRMS_norm" and "attentions" not in name}
-    assert fused_norms and fused_norms <= engine.fallbacks.keys()  # every one fell back to diffusers' op
+    assert fused_norms and fused_norms == engine.fallbacks.keys()  # every one fell back to diffusers' op, no conv
     assert "other bits" in engine.fallbacks["norm_out"]
     fast = Engine(vae, exact=False, chunk=2)  # the fast policy trusts its kernels: no check, no fallback
     assert not torch.equal(_decode(fast, z), want) and not fast.fallbacks
@@ -102,13 +108,21 @@ def test_the_self_check_runs_ops_both_ways_only_where_the_clip_differs(monkeypat
 
 def test_the_self_check_adds_only_diffusers_decode_of_the_clips_first_calls_once_per_call_shape(monkeypatch):
     """The check compares the clip's own first pieces with diffusers' decode of those latent frames: the engine
-    decodes every latent frame once, diffusers' loop only the first 1 + k; a later clip checks only call shapes no
+    decodes every latent frame once, diffusers' loop only the first 1 + k, and no diffusers conv call runs beside the
+    engine's (the convs are compared by the fingerprints of diffusers' loop); a later clip checks only call shapes no
     check has seen (here a remainder call)."""
     import vaepipe.decode as decode_module
     from vaepipe.engine.decoder import Conv, Decoder
 
-    monkeypatch.setattr(Conv, "_fast", lambda self, window, frames, per_call, way: self._reference(
-        window, frames, per_call))  # (CPU convs give other bits channels-last)
+    real_reference, beside = Conv._reference, []
+    monkeypatch.setattr(Conv, "_fast", lambda self, window, frames, per_call, way: real_reference(
+        self, window, frames, per_call))  # (CPU convs give other bits channels-last)
+
+    def spy_reference(self, window, frames, per_call):
+        beside.append(frames > per_call)
+        return real_reference(self, window, frames, per_call)
+
+    monkeypatch.setattr(Conv, "_reference", spy_reference)
     calls, diffusers_frames = [], []
     real_call, real_stream = Decoder.__call__, decode_module.decode_stream
 
@@ -131,7 +145,7 @@ def test_the_self_check_adds_only_diffusers_decode_of_the_clips_first_calls_once
         assert torch.equal(_decode(engine, z[:, :, :latent_frames]), want[:, :, : 1 + 4 * (latent_frames - 1)])
         assert sum(calls) == latent_frames and sum(diffusers_frames) == checked
         assert (engine.check_s > before) == (checked > 0)
-    assert not engine.fallbacks
+    assert not engine.fallbacks and not any(beside)  # (one-frame 2-D convs run diffusers' call: no choice there)
 
 
 def test_a_break_the_op_checks_miss_is_caught_by_the_whole_clip_check(monkeypatch):
@@ -233,3 +247,20 @@ def test_triton_kernels_under_the_interpreter_match_their_references():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "all kernel checks passed" in run.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fingerprint_follows_the_values_not_the_layout_and_tells_every_changed_call(dtype):
+    t = torch.randn(1, 6, 4, 5, 7, generator=torch.Generator().manual_seed(8)).to(dtype)
+    prints = kernels.fingerprints(t, 2)
+    assert prints.shape == (2,) and prints[0] != prints[1]
+    assert torch.equal(kernels.fingerprints(t.contiguous(memory_format=torch.channels_last_3d), 2), prints)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    for index in ((0, 0, 0, 0, 0), (0, 5, 1, 4, 6), (0, 3, 2, 2, 3)):  # one value one ulp off: its call's print only
+        off = t.clone()
+        off.view(bits)[index].add_(1)
+        changed = kernels.fingerprints(off, 2) != prints
+        assert changed.tolist() == [index[2] < 2, index[2] >= 2]
+    swapped = t.clone()
+    swapped[0, 0, 0, 0, :2] = t[0, 0, 0, 0, :2].flip(0)  # the same values, two of them in each other's place
+    assert not torch.equal(kernels.fingerprints(swapped, 2), prints)

@@ -210,6 +210,10 @@ def test_cuda_kernels_move_data_bit_for_bit_and_the_exact_norm_repeats_diffusers
         plan = kernels.reduction_plan(c, frames * h * w, sms=sms) + (True,)
         kernels.norm_silu(src, norm.gamma.detach().reshape(-1), y, exact=True, frames_per_call=frames, plan=plan)
         assert torch.equal(y, want), (c, frames)
+    t = cl(1, 96, 8, 120, 208)  # the self-check's fingerprints: 4 frames a row, sums that wrap around 2**64
+    for layout in (t, t.contiguous()):
+        assert torch.equal(kernels.fingerprints(layout, 4), kernels.fingerprints_reference(kernels.fingerprint_rows(
+            t, 4)))
 
 
 def test_cli_on_cuda_default_engine_exact_and_diffusers_decoder(tmp_path):

@@ -138,13 +138,17 @@ class Engine:
             pieces = self._stream(x, k, sizes)
             calls = self._unchecked_calls(h, w, k, sizes) if self.exact else 0
             held = []
-            if calls:  # the first pieces with each conv run both ways (diffusers' call and the engine's ways)
-                self.ctx.checking_convs = True
+            if calls:  # diffusers' decode of the first pieces' latent frames, then the pieces, each conv checked
+                first = sizes[:calls]
+                multi = {s + i for s, n in zip(itertools.accumulate(first, initial=0), first, strict=False) if n > 1
+                         for i in range(n)}
+                with self.ctx.check_time():
+                    want, self.ctx.diffusers_prints = self._diffusers_clip(z, sum(first), prints_of=multi)
                 try:
                     held = [next(pieces) for _ in range(calls)]
                 finally:
-                    self.ctx.checking_convs = False
-                if not self._self_check(z, x, k, sizes[:calls], held):  # how ops run changed: decode again
+                    self.ctx.diffusers_prints = None
+                if not self._self_check(z, x, k, first, held, want):  # how ops run changed: decode again
                     pieces.close()
                     held, pieces = [], self._stream(x, k, sizes)
             if not self.diffusers_stream:
@@ -170,6 +174,7 @@ class Engine:
         self.decoder.setup(h, w, k)
         start = 0
         for i, n in enumerate(sizes):
+            self.ctx.latent_start = start
             value, _ = self.decoder(x[:, :, start : start + n], first=i == 0)
             start += n
             yield Piece(value, self.final, self.patch)
@@ -185,25 +190,28 @@ class Engine:
                 calls = i + 1
         return calls
 
-    def _self_check(self, z: torch.Tensor, x: torch.Tensor, k: int, sizes: list[int], held: list[Piece]) -> bool:
+    def _self_check(self, z: torch.Tensor, x: torch.Tensor, k: int, sizes: list[int], held: list[Piece],
+                    want: tuple[torch.Tensor, torch.Tensor]) -> bool:
         """Compare the engine's first pieces of this clip (`held`, from calls of `sizes` latent frames, each conv
-        already checked on them) with diffusers' decode of the same latent frames. Where the bits differ, find the
-        ops that give them (every op run both ways, see Context.write), let those run diffusers' way, and compare
-        again. True where the held pieces are diffusers' bits (the decode goes on from them); False where ops
-        changed or the decoder ran again (decode again from the start).
+        already checked on them) with diffusers' decode of the same latent frames (`want`). Where the bits differ,
+        find the ops that give them (every op run both ways, see Context.write), let those run diffusers' way, and
+        compare again. True where the held pieces are diffusers' bits (the decode goes on from them); False where
+        ops changed or the decoder ran again (decode again from the start).
 
         The pieces checked are the clip's own: the check adds diffusers' decode of its first 1 + k (+ 1) latent
-        frames and its convs' calls, and each call shape is checked once per process."""
+        frames and the fingerprints of its conv outputs, and each call shape is checked once per process."""
         n = sum(sizes)
         x = x[:, :, :n]
 
         def engine_again() -> tuple[torch.Tensor, torch.Tensor]:  # (from the start: resets the decoder's caches)
             return self._engine_clip(list(self._stream(x, k, sizes)))
 
+        printed, self.ctx.printed = self.ctx.printed, []
         with self.ctx.check_time():
-            want = self._diffusers_clip(z, n)
             same = _same(self._engine_clip(held), want)
             if not same:
+                for conv, key in printed:  # (their input may have differed: an op before them gave other bits)
+                    conv.forget(key)
                 self.ctx.checking = True
                 try:
                     for _ in self._stream(x, k, sizes):
@@ -243,15 +251,33 @@ class Engine:
             videos.append(piece.video())
         return torch.cat(videos, dim=2), torch.cat(frames)
 
-    def _diffusers_clip(self, z: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _diffusers_clip(self, z: torch.Tensor, n: int, prints_of: set[int] = frozenset()) -> tuple[
+            tuple[torch.Tensor, torch.Tensor], dict[tuple[torch.nn.Module, int], torch.Tensor]]:
         """The same from diffusers' decode of z's first n latent frames (its own loop, `decode_stream`, on the whole
-        latent: what `vae.decode(z)` computes for them) and the pipeline's uint8 conversion."""
+        latent: what `vae.decode(z)` computes for them) and the pipeline's uint8 conversion; and the fingerprint of
+        each of the engine's conv modules' output in the decode of latent frames `prints_of`, by (module, frame)."""
         from ..decode import decode_stream, to_uint8_frames
 
-        video = torch.cat(list(itertools.islice(decode_stream(self.vae, z), n)), dim=2)  # a piece per latent frame
+        prints, latent = {}, 0
+
+        def fingerprint(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if latent in prints_of:  # (a 2-D conv's output is [frames, C, H, W])
+                v = out if out.dim() == 5 else out.unsqueeze(0).transpose(1, 2)
+                prints[(module, latent)] = kernels.fingerprints(v, v.shape[2])[0]
+
+        hooks = [conv.module.register_forward_hook(fingerprint) for conv in self.decoder.convs()] if prints_of else []
+        videos = []
+        try:
+            for video in itertools.islice(decode_stream(self.vae, z), n):  # a piece per latent frame
+                videos.append(video)
+                latent += 1
+        finally:
+            for hook in hooks:
+                hook.remove()
+        video = torch.cat(videos, dim=2)
         frames = torch.empty((*video.shape[2:], 3), dtype=torch.uint8, device=z.device)
         to_uint8_frames(video, frames)
-        return video, frames
+        return (video, frames), prints
 
 
 def schedule(frames: int, k: int) -> list[int]:

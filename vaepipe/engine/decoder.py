@@ -55,9 +55,15 @@ class Context:
         self.sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         self.checking = False
         """While True every op runs both ways, compares, and goes on with diffusers' bits."""
-        self.checking_convs = False
-        """While True each conv shape not yet checked runs both ways and keeps the first of its ways that gives
-        diffusers' bits (the exact policy's first pieces of a clip)."""
+        self.diffusers_prints: dict[tuple[nn.Module, int], torch.Tensor] | None = None
+        """While set (the exact policy's first pieces of a clip): the fingerprint of each conv module's output in
+        diffusers' decode of latent frame i, by (module, i); each conv shape not yet checked keeps the first of its
+        ways that gives those prints."""
+        self.latent_start = 0
+        """The first latent frame of the decoder's call that is running."""
+        self.printed: list[tuple[Conv, tuple]] = []
+        """The conv ways that the prints sent to diffusers' call, as (conv, key): where the clip differs, an op before
+        them may be the cause, and the op-by-op pass checks them again."""
         self.check_s = 0.0
         """Seconds spent on checking: diffusers' ops and clip, and the comparisons."""
         self._timing = 0
@@ -222,26 +228,58 @@ class Conv(Op):
         # The op-by-op pass checks every conv; the first pieces of a clip check the convs that have a choice (several
         # calls' frames at once or per call), on all of their frames: on the H200 a Wan 2.2 conv over several calls'
         # frames gave diffusers' bits in the first call's frames and not in the others.
-        if way is None and (self.ctx.checking or self.ctx.checking_convs and frames > per_call):
-            with self.ctx.check_time():
-                want = reference()
-            ways = [Way(tuned=frames == self.max_frames, per_call=False)]
-            if frames > per_call:
-                ways.append(Way(tuned=False, per_call=True))
-            for way in ways:
-                got = fast(way)  # (not the check's time: the decode runs it, and its first call tunes cuDNN)
-                with self.ctx.check_time():
-                    same = torch.equal(kernels.materialize_reference(got), kernels.materialize_reference(want))
-                if same:
-                    self.ways[key] = way
-                    return got  # its bias still pending, as the decode hands it on: the next op is checked on that
-            self.ways[key] = REFERENCE
-            self.ctx.fallbacks[f"{self.name} ({frames} frames)"] = ("channels-last gives other bits than"
-                                                                    " diffusers' call")
-            return want
+        if way is None and (self.ctx.checking or self.ctx.diffusers_prints is not None and frames > per_call):
+            return self._check(key, frames, per_call, fast, reference)
         if way is None:  # both policies' first choice (the exact one's self-check confirms it on the real shapes)
             way = Way(tuned=frames == self.max_frames, per_call=False)
         return reference() if way.diffusers else fast(way)
+
+    def _check(self, key: tuple, frames: int, per_call: int, fast: Callable[[Way], Pending],
+               reference: Callable[[], Pending]) -> Pending:
+        """Keep the first of the engine's ways that gives diffusers' bits, else diffusers' call. Op by op, diffusers'
+        call runs on the same input; on a clip's first pieces, each call's output is compared by its fingerprint
+        with diffusers' in its own decode of the same latent frames (the input is the same where every op before
+        gave diffusers' bits; the comparison of the pieces checks that), so that diffusers' convs run once."""
+        ctx = self.ctx
+        with ctx.check_time():
+            if ctx.checking:
+                want = reference()
+                wanted = kernels.materialize_reference(want)
+
+                def gives_it(got: Pending) -> bool:
+                    return torch.equal(kernels.materialize_reference(got), wanted)
+            else:
+                want = None
+                prints = [ctx.diffusers_prints.get((self.module, ctx.latent_start + i))
+                          for i in range(frames // per_call)]
+
+                def gives_it(got: Pending) -> bool:
+                    return None not in prints and torch.equal(
+                        kernels.fingerprints(kernels.materialize_reference(got), per_call), torch.stack(prints))
+        ways = [Way(tuned=frames == self.max_frames, per_call=False)]
+        if frames > per_call:
+            ways.append(Way(tuned=False, per_call=True))
+        for way in ways:
+            got = fast(way)  # (not the check's time: the decode runs it, and its first call tunes cuDNN)
+            with ctx.check_time():
+                same = gives_it(got)
+            if same:
+                self.ways[key] = way
+                return got  # its bias still pending, as the decode hands it on: the next op is checked on that
+        self.ways[key] = REFERENCE
+        ctx.fallbacks[self._fallback_name(key)] = "channels-last gives other bits than diffusers' call"
+        if want is None:
+            ctx.printed.append((self, key))
+            return reference()
+        return want
+
+    def _fallback_name(self, key: tuple) -> str:
+        return f"{self.name} ({key[1]} frames)"
+
+    def forget(self, key: tuple) -> None:
+        """Unchoose the way for `key` (the self-check will check it again)."""
+        del self.ways[key]
+        self.ctx.fallbacks.pop(self._fallback_name(key), None)
 
     @property
     def exact_bits(self) -> bool | None:

@@ -120,6 +120,33 @@ def to_uint8_reference(src: Pending, out: torch.Tensor, *, patch: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Fingerprints: the exact policy's self-check compares conv outputs with diffusers' by them
+
+
+FINGERPRINT_MULTIPLIERS = (0x2545F4914F6CDD1D, 0x5851F42D4C957F2D)
+"""The position weights' mixing constants (odd, below 2**63 so that Triton types them int64)."""
+
+
+def fingerprint_rows(t: torch.Tensor, per_call: int) -> torch.Tensor:
+    """[calls, values] int16/int32: the bits of t [1, C, F, H, W] (any strides), `per_call` frames a row, each row's
+    values in channels-last order (a copy only where t is not channels-last already)."""
+    v = t.contiguous(memory_format=torch.channels_last_3d)
+    bits = v.view(torch.int16 if v.element_size() == 2 else torch.int32)
+    return bits.permute(0, 2, 3, 4, 1).reshape(t.shape[2] // per_call, -1)
+
+
+def fingerprints_reference(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's fingerprint: the sum of its values' bits times a pseudo-random odd weight of their position, modulo
+    2**64 (int64 arithmetic wraps). Equal rows give equal fingerprints; a row that differs in one value never does
+    (an odd weight times a 16- or 32-bit difference is never 0 modulo 2**64), in several, with odds of about 2**-64."""
+    z = (torch.arange(rows.shape[1], dtype=torch.int64, device=rows.device) + 1) * FINGERPRINT_MULTIPLIERS[0]
+    z = z ^ (z >> 29)
+    z = z * FINGERPRINT_MULTIPLIERS[1]
+    z = (z ^ (z >> 32)) | 1
+    return (rows.to(torch.int64) * z).sum(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The order of PyTorch's CUDA sum for F.normalize over channels
 
 
@@ -377,6 +404,20 @@ if triton is not None:
         tl.store(out_ptr + (f * o_sf + y * o_sh + x * o_sw)[:, None] + rgb[None, :], u8, mask=m)
 
 
+    _FINGERPRINT_0, _FINGERPRINT_1 = (tl.constexpr(m) for m in FINGERPRINT_MULTIPLIERS)
+
+    @triton.jit
+    def _fingerprint_kernel(rows_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        """out[row, program] = this block's share of `fingerprints_reference` (the same int64 arithmetic)."""
+        row, block = tl.program_id(1).to(tl.int64), tl.program_id(0)
+        i = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        bits = tl.load(rows_ptr + row * n + i, mask=i < n, other=0).to(tl.int64)
+        z = (i + 1) * _FINGERPRINT_0
+        z = z ^ (z >> 29)
+        z = z * _FINGERPRINT_1
+        z = (z ^ (z >> 32)) | 1
+        tl.store(out_ptr + row * tl.num_programs(0) + block, tl.sum(bits * z, axis=0))
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Entry points: the kernel where Triton runs, else the reference
 
@@ -468,3 +509,18 @@ def to_uint8(src: Pending, out: torch.Tensor, *, patch: int) -> None:
     _to_uint8_kernel[(triton.cdiv(n_pix, block_p),)](
         src.raw, src.bias, out, n_pix, h, w, *_strides(src.raw), out.stride(0), out.stride(1), out.stride(2),
         BLOCK_P=block_p, PATCH=patch, INTERPRET=_interpreting(), num_warps=4)
+
+
+FINGERPRINT_BLOCK = 4096
+
+
+def fingerprints(t: torch.Tensor, per_call: int) -> torch.Tensor:
+    """[calls] int64: the fingerprint (`fingerprints_reference`) of each `per_call` frames of t [1, C, F, H, W], any
+    strides: the self-check compares the engine's conv outputs with diffusers' by them, one pass over each."""
+    rows = fingerprint_rows(t, per_call)
+    if not triton_ready(rows):
+        return fingerprints_reference(rows)
+    calls, n = rows.shape
+    out = torch.empty((calls, triton.cdiv(n, FINGERPRINT_BLOCK)), dtype=torch.int64, device=rows.device)
+    _fingerprint_kernel[(out.shape[1], calls)](rows, out, n, BLOCK=FINGERPRINT_BLOCK, num_warps=8)
+    return out.sum(dim=1)
