@@ -4,8 +4,9 @@ One engine, two arithmetic policies (kernels.py says what differs):
 - fast (the default on GPUs): fused freely, as close to an fp32 decode as diffusers' own bf16 decode;
 - exact (`--exact` on GPUs): diffusers' bits. The first time a process decodes with a VAE at a frame size, a
   self-check compares the engine's first pieces of the clip (1 + k latent frames, one more with a remainder) with
-  diffusers' decode of the same latent frames; if the bits differ, it runs every op both ways, and every op whose
-  bits differ (another GPU, cuDNN, torch or diffusers) runs diffusers' way from then on; `fallbacks` says which.
+  diffusers' decode of the same latent frames, and each conv's ways with the fingerprints of diffusers' conv
+  outputs in that decode; if the bits differ, it runs every op both ways, and every op whose bits differ (another
+  GPU, cuDNN, torch or diffusers) runs diffusers' way from then on; `fallbacks` says which.
 
     engine = Engine(vae, exact=True)
     for piece in engine.stream(z):        # z: [1, C, T, h, w], denormalised, on the VAE's device and dtype
