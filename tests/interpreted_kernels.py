@@ -128,6 +128,16 @@ def check_fingerprints():
         assert torch.equal(kernels.fingerprints(t.contiguous(), 2), want), dtype  # the layout does not count
 
 
+def check_conv_by_taps():
+    for cout in (3, 12):
+        window = channels_last(1, 8, 2 + 3, 6, 7, dtype=torch.float32)
+        weight = torch.randn(cout, 8, 3, 3, 3, generator=gen)
+        taps = weight.permute(2, 3, 4, 0, 1).reshape(-1, 8)
+        got = kernels.conv_by_taps(window, taps)
+        want = torch.nn.functional.conv3d(window, weight)
+        assert got.shape == want.shape and (got - want).abs().max() <= 1e-4, cout
+
+
 if __name__ == "__main__":
     check_upsample()
     check_dup_up()
@@ -135,4 +145,5 @@ if __name__ == "__main__":
     check_exact_norm_order()
     check_norm_against_diffusers_ops()
     check_fingerprints()
+    check_conv_by_taps()
     print("all kernel checks passed")

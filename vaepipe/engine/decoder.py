@@ -123,6 +123,10 @@ class Context:
         self.fallbacks["every op"] = why
 
 
+TAPS_CHANNELS = 16
+"""The fast policy runs 3x3x3 convs with at most this many output channels as `kernels.conv_by_taps`."""
+
+
 class Way(NamedTuple):
     """How a conv runs: channels-last with cuDNN's tuned or untuned algorithm, over all of the call's frames at once
     or over diffusers' per-call extent; or diffusers' own call (NCDHW, per call, untuned)."""
@@ -159,6 +163,11 @@ class Conv(Op):
             self.time_pad, self.halo = module._padding[4], module._padding[0]
             self.weight = module.weight.detach().to(memory_format=torch.channels_last_3d)
         self.bias = module.bias.detach()
+        self.taps = None
+        """The fast policy's weights for `kernels.conv_by_taps` [27 * Cout, Cin], where it runs (GPUs, few outputs)."""
+        if not (ctx.exact or self.two_d) and module.kernel_size == (3, 3, 3) and module.out_channels <= TAPS_CHANNELS \
+                and kernels.triton_ready(self.weight):
+            self.taps = module.weight.detach().permute(2, 3, 4, 0, 1).reshape(-1, module.in_channels).contiguous()
         self.cache: torch.Tensor | None = None
         self._window: torch.Tensor | None = None
         self.ways: dict[tuple[tuple[int, int], int], Way] = {}
@@ -194,8 +203,11 @@ class Conv(Op):
         """Run the conv over the window; keep its last 2 input frames as the next call's cache. `per_call` is the
         frame count of diffusers' per-latent-frame calls at this layer (its call extent)."""
         window, self._window = self._window, None
-        out = self._run(frames, per_call, lambda way: self._fast(window, frames, per_call, way),
-                        lambda: self._reference(window, frames, per_call))
+        if self.taps is not None:
+            out = Pending(kernels.conv_by_taps(window, self.taps), self.bias)
+        else:
+            out = self._run(frames, per_call, lambda way: self._fast(window, frames, per_call, way),
+                            lambda: self._reference(window, frames, per_call))
         if self.time_pad:
             self.cache.copy_(window[:, :, frames : frames + self.time_pad])
         return out
