@@ -8,6 +8,8 @@ What changes against diffusers' own decoder (and what does not):
 - several latent frames per decoder call after the first (exact for causal convs);
 - the conv bias, the residual add, the RMS norm and SiLU run as one kernel, the upsamplers' frame interleave and
   nearest upsampling as one gather, and Wan 2.2's DupUp3D shortcut as another (kernels.py);
+- the fast policy's last conv (3 or 12 output channels, where cuDNN is slow) as a GEMM by every tap's weights and a
+  sum of the shifted taps (kernels.conv_by_taps);
 - the attention block (once per latent frame, at latent resolution) and the post-quant conv are diffusers' own.
 
 Every op has the engine's way and diffusers' way (`reference`). The exact policy's self-check runs both on the real
