@@ -212,7 +212,7 @@ def test_cuda_kernels_move_data_bit_for_bit_and_the_exact_norm_repeats_diffusers
         assert torch.equal(y, want), (c, frames)
     for cin, cout, h, w in ((96, 3, 62, 106), (256, 12, 46, 82)):  # the fast policy's last conv, Wan 2.1 and 2.2
         window, weight = cl(1, cin, 6, h, w), torch.randn(cout, cin, 3, 3, 3, device="cuda").to(dtype) / cin
-        got = kernels.conv_by_taps(window, weight.permute(2, 3, 4, 0, 1).reshape(-1, cin))
+        got = kernels.conv_by_taps(window, kernels.tap_weights(weight))
         want = torch.nn.functional.conv3d(window.double(), weight.double())
         assert ((got.double() - want).abs() <= want.abs() / 128 + 1e-5).all()  # within the output's rounding
     t = cl(1, 96, 8, 120, 208)  # the self-check's fingerprints: 4 frames a row, sums that wrap around 2**64

@@ -94,8 +94,8 @@ class Engine:
 
     @property
     def check_s(self) -> float:
-        """Seconds the self-checks took in all (exact policy): diffusers' decode of the checked latent frames and
-        its convs' calls, the comparisons, and, where bits differed, the op-by-op pass."""
+        """Seconds the self-checks took in all (exact policy): diffusers' decode of the checked latent frames with
+        its conv outputs' fingerprints, the comparisons, and, where bits differed, the op-by-op pass."""
         return self.ctx.check_s
 
     @property

@@ -169,7 +169,7 @@ class Conv(Op):
         """The fast policy's weights for `kernels.conv_by_taps` [27 * Cout, Cin], where it runs (GPUs, few outputs)."""
         if not (ctx.exact or self.two_d) and module.kernel_size == (3, 3, 3) and module.out_channels <= TAPS_CHANNELS \
                 and kernels.triton_ready(self.weight):
-            self.taps = module.weight.detach().permute(2, 3, 4, 0, 1).reshape(-1, module.in_channels).contiguous()
+            self.taps = kernels.tap_weights(module.weight.detach())
         self.cache: torch.Tensor | None = None
         self._window: torch.Tensor | None = None
         self.ways: dict[tuple[tuple[int, int], int], Way] = {}

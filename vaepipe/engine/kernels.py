@@ -543,12 +543,17 @@ def fingerprints(t: torch.Tensor, per_call: int) -> torch.Tensor:
     return out.sum(dim=1)
 
 
+def tap_weights(weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3x3 conv's weight [Cout, Cin, 3, 3, 3] as `conv_by_taps`' [27 * Cout, Cin], rows in (dt, dy, dx, c) order."""
+    return weight.permute(2, 3, 4, 0, 1).reshape(-1, weight.shape[1]).contiguous()
+
+
 def conv_by_taps(window: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """A 3x3x3 conv with few output channels (the last conv: 3, or Wan 2.2's 12) over a channels-last window
     [1, Cin, T + 2, H + 2, W + 2] (its zero border in place): one GEMM of every window pixel by every tap's weights
-    (`taps` [27 * Cout, Cin], rows in (dt, dy, dx, c) order; fp32 out), then each output pixel's 27 shifted taps
-    summed (`_tap_sum_kernel`). cuDNN runs these convs as a GEMM 3 (or 12) wide, at a tenth of its speed on wider
-    ones; the GEMM here is 81 (324) wide and reads the input once. -> [1, Cout, T, H, W] channels-last, no bias."""
+    (`taps`: `tap_weights`; fp32 out), then each output pixel's 27 shifted taps summed (`_tap_sum_kernel`). cuDNN
+    runs these convs as a GEMM 3 (or 12) wide, at a tenth of its speed on wider ones; the GEMM here is 81 (324) wide
+    and reads the input once. -> [1, Cout, T, H, W] channels-last, no bias."""
     _, cin, tw, hw, ww = window.shape
     cout = taps.shape[0] // 27
     pixels = window.permute(0, 2, 3, 4, 1).reshape(-1, cin).t()  # [Cin, pixels]: a view of the channels-last window
