@@ -137,6 +137,18 @@ def check_conv_by_taps():
         assert got.shape == want.shape and (got - want).abs().max() <= 1e-4, cout
 
 
+def check_conv_gemm():
+    for cout, taps in ((96, 27), (192, 27), (96, 9)):  # 3x3x3 convs and the upsamplers' per-frame 3x3 one
+        window = channels_last(1, 64, 4, 5, 6, dtype=torch.float32)
+        weight = torch.randn(cout, 64, *(3,) * (3 if taps == 27 else 2), generator=gen)
+        got = kernels.conv_gemm(window, kernels.gemm_weights(weight))
+        if taps == 27:
+            want = torch.nn.functional.conv3d(window, weight)
+        else:
+            want = torch.nn.functional.conv2d(window[0].transpose(0, 1), weight).transpose(0, 1)[None]
+        assert got.shape == want.shape and (got - want).abs().max() <= 1e-3, (cout, taps)
+
+
 if __name__ == "__main__":
     check_upsample()
     check_dup_up()
@@ -145,4 +157,5 @@ if __name__ == "__main__":
     check_norm_against_diffusers_ops()
     check_fingerprints()
     check_conv_by_taps()
+    check_conv_gemm()
     print("all kernel checks passed")

@@ -215,6 +215,19 @@ def test_cuda_kernels_move_data_bit_for_bit_and_the_exact_norm_repeats_diffusers
         got = kernels.conv_by_taps(window, kernels.tap_weights(weight))
         want = torch.nn.functional.conv3d(window.double(), weight.double())
         assert ((got.double() - want).abs() <= want.abs() / 128 + 1e-5).all()  # within the output's rounding
+    # the fast policy's 96- and 192-channel convs (Hopper): Wan 2.1's at 480p, a narrower input, the upsamplers' 3x3
+    for cin, cout, frames, h, w in ((96, 96, 10, 482, 834), (192, 192, 10, 242, 418), (384, 192, 6, 62, 106),
+                                    (192, 96, 4, 62, 106)):
+        weight = torch.randn(cout, cin, *(3,) * (3 if frames > 4 else 2), device="cuda").to(dtype) / cin ** 0.5
+        if not kernels.conv_gemm_ready(weight):
+            break
+        window = cl(1, cin, frames, h, w)
+        got = kernels.conv_gemm(window, kernels.gemm_weights(weight))
+        if weight.dim() == 5:
+            want = torch.nn.functional.conv3d(window.double(), weight.double())
+        else:
+            want = torch.nn.functional.conv2d(window[0].transpose(0, 1).double(), weight.double()).transpose(0, 1)[None]
+        assert got.shape == want.shape and ((got.double() - want).abs() <= want.abs() / 128 + 1e-3).all(), (cin, cout)
     t = cl(1, 96, 8, 120, 208)  # the self-check's fingerprints: 4 frames a row, sums that wrap around 2**64
     for layout in (t, t.contiguous()):
         assert torch.equal(kernels.fingerprints(layout, 4), kernels.fingerprints_reference(kernels.fingerprint_rows(

@@ -9,7 +9,8 @@ What changes against diffusers' own decoder (and what does not):
 - the conv bias, the residual add, the RMS norm and SiLU run as one kernel, the upsamplers' frame interleave and
   nearest upsampling as one gather, and Wan 2.2's DupUp3D shortcut as another (kernels.py);
 - the fast policy's last conv (3 or 12 output channels, where cuDNN is slow) as a GEMM by every tap's weights and a
-  sum of the shifted taps (kernels.conv_by_taps);
+  sum of the shifted taps (kernels.conv_by_taps), and its 96- and 192-channel convs as a Triton implicit GEMM on
+  Hopper (kernels.conv_gemm, faster than cuDNN's there);
 - the attention block (once per latent frame, at latent resolution) and the post-quant conv are diffusers' own.
 
 Every op has the engine's way and diffusers' way (`reference`). The exact policy's self-check runs both on the real
@@ -165,11 +166,15 @@ class Conv(Op):
             self.time_pad, self.halo = module._padding[4], module._padding[0]
             self.weight = module.weight.detach().to(memory_format=torch.channels_last_3d)
         self.bias = module.bias.detach()
-        self.taps = None
-        """The fast policy's weights for `kernels.conv_by_taps` [27 * Cout, Cin], where it runs (GPUs, few outputs)."""
-        if not (ctx.exact or self.two_d) and module.kernel_size == (3, 3, 3) and module.out_channels <= TAPS_CHANNELS \
-                and kernels.triton_ready(self.weight):
-            self.taps = kernels.tap_weights(module.weight.detach())
+        self.taps = self.gemm = None
+        """The fast policy's weights for `kernels.conv_by_taps` (few outputs) or `kernels.conv_gemm` (96 or 192
+        outputs), where those run; else cuDNN runs the conv."""
+        if not ctx.exact and kernels.triton_ready(self.weight):
+            weight = module.weight.detach()
+            if module.kernel_size == (3, 3, 3) and module.out_channels <= TAPS_CHANNELS:
+                self.taps = kernels.tap_weights(weight)
+            elif kernels.conv_gemm_ready(weight):
+                self.gemm = kernels.gemm_weights(weight)
         self.cache: torch.Tensor | None = None
         self._window: torch.Tensor | None = None
         self.ways: dict[tuple[tuple[int, int], int], Way] = {}
@@ -207,6 +212,8 @@ class Conv(Op):
         window, self._window = self._window, None
         if self.taps is not None:
             out = Pending(kernels.conv_by_taps(window, self.taps), self.bias)
+        elif self.gemm is not None:
+            out = Pending(kernels.conv_gemm(window, self.gemm), self.bias)
         else:
             out = self._run(frames, per_call, lambda way: self._fast(window, frames, per_call, way),
                             lambda: self._reference(window, frames, per_call))

@@ -27,6 +27,7 @@ try:
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # CPU-only installs: the references run
     triton = None
 
@@ -421,6 +422,27 @@ if triton is not None:
                 acc += tl.load(y_ptr + row + base + shift, mask=mask, other=0.0)
             tl.store(out_ptr + t * o_t + h * o_h + w * o_w + c * o_c, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _conv_kernel(a_desc, w0_desc, w1_desc, o0_desc, o1_desc, HW2, W2, C: tl.constexpr, TAPS: tl.constexpr,
+                     N0: tl.constexpr, N1: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+        """An implicit-GEMM 3x3 (TAPS = 9) or 3x3x3 (27) conv over the window's padded grid: output row q is the sum
+        over the taps of input row q + the tap's offset times the tap's weights, so that each tap's tile is one block
+        of contiguous rows, which TMA loads (rows past the end read as zeros). BM rows by all N0 + N1 output channels
+        (two dots: Triton's blocks are powers of 2), K = taps x C input channels, BK at a time; fp32 sums, rounded
+        once."""
+        q0 = tl.program_id(0) * BM
+        acc0 = tl.zeros([BM, N0], tl.float32)
+        acc1 = tl.zeros([BM, N1], tl.float32)
+        CHUNKS: tl.constexpr = C // BK
+        for i in range(TAPS * CHUNKS):
+            tap = i // CHUNKS
+            kc = (i % CHUNKS) * BK
+            a = a_desc.load([q0 + (tap // 9) * HW2 + (tap // 3 % 3) * W2 + tap % 3, kc])
+            acc0 = tl.dot(a, w0_desc.load([tap * C + kc, 0]), acc0)
+            acc1 = tl.dot(a, w1_desc.load([tap * C + kc, N0]), acc1)
+        o0_desc.store([q0, 0], acc0.to(o0_desc.dtype))
+        o1_desc.store([q0, N0], acc1.to(o1_desc.dtype))
+
     _FINGERPRINT_0, _FINGERPRINT_1 = (tl.constexpr(m) for m in FINGERPRINT_MULTIPLIERS)
 
     @triton.jit
@@ -565,3 +587,51 @@ def conv_by_taps(window: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     _tap_sum_kernel[(triton.cdiv(n_pix, block_p),)](y, out, n_pix, hw - 2, ww - 2, y.shape[1], *_strides(out),
                                                      COUT=cout, BLOCK_P=block_p, num_warps=4)
     return out
+
+
+CONV_TILES = {96: dict(BM=128, BK=32, num_warps=4, num_stages=4), 192: dict(BM=128, BK=32, num_warps=4, num_stages=5)}
+"""`conv_gemm`'s tile by output channels: the fastest configs on the H200 (96 -> 96 at 480x832 and 720x1280, 192 ->
+192 at 240x416, 8 frames: 1.20x, 1.20x and 1.17x cuDNN's tuned channels-last conv; docs/benchmarks.md)."""
+
+
+def conv_gemm_ready(weight: torch.Tensor) -> bool:
+    """Whether `conv_gemm` runs this 3x3 or 3x3x3 conv: its output channels have a tile, its input channels are
+    whole blocks, 16-bit weights (fp32 would run as TF32), and a Hopper GPU (TMA; the only one measured) or the
+    interpreter."""
+    tile = CONV_TILES.get(weight.shape[0])
+    return (tile is not None and weight.shape[1] % tile["BK"] == 0 and weight.shape[2:] in ((3, 3), (3, 3, 3))
+            and weight.dtype in (torch.bfloat16, torch.float16) and triton_ready(weight)
+            and (_interpreting() or torch.cuda.get_device_capability(weight.device)[0] == 9))
+
+
+def gemm_weights(weight: torch.Tensor) -> torch.Tensor:
+    """A conv's weight [Cout, Cin, (3,) 3, 3] as `conv_gemm`'s [taps * Cin, Cout], rows in (dt, dy, dx, c) order."""
+    return weight.flatten(2).permute(2, 1, 0).reshape(-1, weight.shape[0]).contiguous()
+
+
+def conv_gemm(window: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A 3x3x3 conv (or a 3x3 one per frame) over a channels-last window [1, Cin, T (+ 2), H + 2, W + 2] (its zero
+    border in place), `weights` from `gemm_weights`: -> [1, Cout, T, H, W] channels-last, no bias.
+
+    cuDNN's implicit GEMM runs the Wan decoder's 96- and 192-channel convs at 420-580 TFLOP/s on an H200; this one
+    at 500-680. It computes every pixel of the padded grid (0.7 % more at 480p) and returns the interior as a view."""
+    _, cin, tw, hw, ww = window.shape
+    taps, cout = weights.shape[0] // cin, weights.shape[1]
+    tile = CONV_TILES[cout]
+    bm, bk = tile["BM"], tile["BK"]
+    rows = tw * hw * ww
+    pixels = window.permute(0, 2, 3, 4, 1).reshape(rows, cin)  # a view: a window is one channels-last tensor
+    out = torch.empty((1, cout, tw - taps // 9 + 1, hw, ww), dtype=window.dtype, device=window.device,
+                      memory_format=torch.channels_last_3d)
+    q = out[0, 0].numel()
+    grid = out.permute(0, 2, 3, 4, 1).view(q, cout)
+    n0 = 1 << (cout.bit_length() - 1)  # 96 = 64 + 32, 192 = 128 + 64
+    n1 = cout - n0
+    _conv_kernel[(triton.cdiv(q, bm),)](
+        TensorDescriptor(pixels, [rows, cin], [cin, 1], [bm, bk]),
+        TensorDescriptor(weights, list(weights.shape), [cout, 1], [bk, n0]),
+        TensorDescriptor(weights, list(weights.shape), [cout, 1], [bk, n1]),
+        TensorDescriptor(grid, [q, cout], [cout, 1], [bm, n0]),
+        TensorDescriptor(grid, [q, cout], [cout, 1], [bm, n1]),
+        hw * ww, ww, C=cin, TAPS=taps, N0=n0, N1=n1, **tile)
+    return out[..., : hw - 2, : ww - 2]
