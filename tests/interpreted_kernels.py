@@ -149,6 +149,59 @@ def check_conv_gemm():
         assert got.shape == want.shape and (got - want).abs().max() <= 1e-3, (cout, taps)
 
 
+def check_conv_with_norm_fused():
+    """The conv's epilogue writes `norm_silu` of conv + bias (+ res) into the next window's interior, and x if asked;
+    nothing but zeros outside the interior (the border rows of the padded grid are not pixels), nothing into the
+    cached frames; tensors not on the padded grid are refused."""
+    for cout, taps, with_res, store_x in ((96, 27, True, True), (192, 27, False, False), (96, 9, False, True)):
+        window = channels_last(1, 32, 4, 5, 6, dtype=torch.float32)
+        weights = kernels.gemm_weights(torch.randn(cout, 32, *(3,) * (3 if taps == 27 else 2), generator=gen) * 0.1)
+        shape = kernels.conv_gemm_shape(window, weights)
+        bias, gamma = torch.randn(cout, generator=gen), torch.rand(cout, generator=gen) + 0.5
+        res = None
+        if with_res:  # its border rows hold NaN: not pixels, they must not reach the next window's border
+            res = kernels.padded_grid(shape, torch.float32, "cpu")
+            res.as_strided((res.untyped_storage().nbytes() // 4,), (1,), 0).fill_(float("nan"))
+            res.copy_(torch.randn(shape, generator=gen))
+        src = Pending(kernels.conv_gemm(window, weights), bias, res)
+        want_x = kernels.materialize_reference(src)
+        want_y = kernels.norm_silu_reference(want_x, gamma, exact=False, frames_per_call=1)
+        y_window = torch.zeros(shape[:2] + (shape[2] + 2, shape[3] + 2, shape[4] + 2))
+        y_window = y_window.contiguous(memory_format=torch.channels_last_3d)
+        y_window[:, :, :2] = 7.0  # the cached frames: not the conv's to write
+        y = y_window[:, :, 2:, 1:-1, 1:-1]
+        x = kernels.padded_grid(shape, torch.float32, "cpu") if store_x else None
+        assert not kernels.conv_gemm_norm_silu(window, weights, bias, res, gamma, torch.empty_like(y), x)
+        assert kernels.conv_gemm_norm_silu(window, weights, bias, res, gamma, y, x)
+        assert (y - want_y).abs().max() <= 1e-4, (cout, taps)
+        if store_x:
+            assert (x - want_x).abs().max() <= 1e-4, (cout, taps)
+        y.zero_()  # the border stays zero (the grid's border rows store zeros there), the cached frames as they were
+        assert (y_window[:, :, 2:] == 0).all() and (y_window[:, :, :2] == 7.0).all(), (cout, taps)
+
+
+def check_engine_with_conv_gemm():
+    """The whole fast engine with its 96- and 192-channel convs run by `conv_gemm`, the norm fused into their
+    epilogues and not, against diffusers' decode: the wiring (pending convs, outputs landing on the next window's
+    padded grid, residuals, cached frames) and not only the kernel. fp32 (the interpreter's TMA mishandles bf16, so
+    `conv_gemm_ready`'s dtype gate is lifted here); full-size Wan 2.1 channels, 2 x 2 x 2 latents."""
+    from vaepipe.engine import Engine
+    from vaepipe.vae import load_vae
+
+    vae = load_vae("random:wan2.1", dtype=torch.float32, device=torch.device("cpu")).model
+    z = torch.randn((1, 16, 2, 2, 2), generator=gen)
+    kernels.conv_gemm_ready = lambda w: w.shape[0] in kernels.CONV_TILES and w.shape[2:] in ((3, 3), (3, 3, 3))
+    run_conv_gemm, fused = kernels._run_conv_gemm, []
+    kernels._run_conv_gemm = lambda *a, **k: fused.append(k.get("gamma") is not None) or run_conv_gemm(*a, **k)
+    with torch.inference_mode():
+        want = vae.decode(z).sample
+        for fuse in (False, True):
+            kernels.FUSE_NORM_INTO_CONV, fused[:] = fuse, []
+            got = torch.cat([part.video() for part in Engine(vae, exact=False).stream(z)], 2)
+            assert len(fused) == 30 and sum(fused) == (28 if fuse else 0), (fuse, fused)
+            assert (got - want).abs().max() <= 1e-4, fuse
+
+
 if __name__ == "__main__":
     check_upsample()
     check_dup_up()
@@ -158,4 +211,6 @@ if __name__ == "__main__":
     check_fingerprints()
     check_conv_by_taps()
     check_conv_gemm()
+    check_conv_with_norm_fused()
+    check_engine_with_conv_gemm()
     print("all kernel checks passed")

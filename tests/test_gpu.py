@@ -228,6 +228,21 @@ def test_cuda_kernels_move_data_bit_for_bit_and_the_exact_norm_repeats_diffusers
         else:
             want = torch.nn.functional.conv2d(window[0].transpose(0, 1).double(), weight.double()).transpose(0, 1)[None]
         assert got.shape == want.shape and ((got.double() - want).abs() <= want.abs() / 128 + 1e-3).all(), (cin, cout)
+        # the same conv with the next norm in its epilogue, into the interior of a window (the border left alone)
+        bias, gamma = torch.randn(cout, device="cuda").to(dtype), torch.rand(cout, device="cuda").to(dtype) + 0.5
+        res = kernels.padded_grid(got.shape, dtype, "cuda").copy_(cl(*got.shape)) if weight.dim() == 5 else None
+        want_x, want_y = torch.empty_like(got), torch.empty_like(got)
+        kernels.norm_silu(Pending(got, bias, res), gamma, want_y, want_x, exact=False, frames_per_call=1)
+        y_window = torch.zeros((1, cout, frames, h, w), device="cuda", dtype=dtype)
+        y_window = y_window.contiguous(memory_format=torch.channels_last_3d)
+        cached = frames - got.shape[2]
+        y_window[:, :, :cached] = 7.0  # the cached frames: not the conv's to write
+        y, x = y_window[:, :, cached:, 1:-1, 1:-1], kernels.padded_grid(got.shape, dtype, "cuda")
+        assert kernels.conv_gemm_norm_silu(window, kernels.gemm_weights(weight), bias, res, gamma, y, x)
+        assert torch.equal(x, want_x), (cin, cout)
+        assert ((y.float() - want_y.float()).abs() <= want_y.float().abs() / 128 + 1e-3).all(), (cin, cout)
+        y.zero_()
+        assert (y_window[:, :, cached:] == 0).all() and (y_window[:, :, :cached] == 7).all(), (cin, cout)
     t = cl(1, 96, 8, 120, 208)  # the self-check's fingerprints: 4 frames a row, sums that wrap around 2**64
     for layout in (t, t.contiguous()):
         assert torch.equal(kernels.fingerprints(layout, 4), kernels.fingerprints_reference(kernels.fingerprint_rows(

@@ -213,7 +213,7 @@ class Conv(Op):
         if self.taps is not None:
             out = Pending(kernels.conv_by_taps(window, self.taps), self.bias)
         elif self.gemm is not None:
-            out = Pending(kernels.conv_gemm(window, self.gemm), self.bias)
+            out = Pending(None, self.bias, conv=(window, self.gemm))  # run by its consumer: a norm fuses it in
         else:
             out = self._run(frames, per_call, lambda way: self._fast(window, frames, per_call, way),
                             lambda: self._reference(window, frames, per_call))
@@ -406,9 +406,8 @@ class ResBlock:
     def __call__(self, x: Pending, frames: int, per_call: int) -> Pending:
         if x.bias is None and x.res is None:
             x_in, store = x.raw, None
-        else:  # materialise x while normalising it: the residual needs it
-            x_in = store = torch.empty(x.shape, dtype=x.raw.dtype, device=x.raw.device,
-                                       memory_format=torch.channels_last_3d)
+        else:  # materialise x while normalising it: the residual needs it (on the padded grid: see norm_silu)
+            x_in = store = kernels.padded_grid(x.shape, self.conv1.weight.dtype, self.conv1.weight.device)
         self.norm1(x, self.conv1.begin(frames), store, per_call)
         del x
         h = self.conv1.finish(frames, per_call)
@@ -416,7 +415,7 @@ class ResBlock:
         del h
         out = self.conv2.finish(frames, per_call)
         residual = x_in if self.shortcut is None else self.shortcut.apply(x_in, per_call)
-        return Pending(out.raw, out.bias, residual)
+        return out.with_res(residual)
 
 
 class Attention:
@@ -500,7 +499,7 @@ class UpBlock:
             residual = torch.empty(x.shape, dtype=x_in.dtype, device=x_in.device,
                                    memory_format=torch.channels_last_3d)
             self.shortcut(x_in, residual, first)
-            x = Pending(x.raw, x.bias, residual)
+            x = x.with_res(residual)
         return x, frames, per_call
 
 

@@ -18,7 +18,6 @@ extent diffusers calls them with, so they are bit-identical to it by constructio
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,17 +31,30 @@ except ImportError:  # CPU-only installs: the references run
     triton = None
 
 
-@dataclass(slots=True)
 class Pending:
-    """A value not yet written out: `raw (+ bias over channels) (+ res)`, rounded to raw's dtype after each add."""
+    """A value not yet written out: `raw (+ bias over channels) (+ res)`, rounded to raw's dtype after each add.
 
-    raw: torch.Tensor
-    bias: torch.Tensor | None = None
-    res: torch.Tensor | None = None
+    raw may itself be pending: a `conv_gemm` not yet run (`conv` = (window, weights)). `norm_silu` runs it with the
+    norm in its epilogue, so that the conv's output never goes through memory; reading `raw` runs it plainly."""
+
+    __slots__ = ("_raw", "bias", "res", "conv")
+
+    def __init__(self, raw: torch.Tensor | None, bias: torch.Tensor | None = None, res: torch.Tensor | None = None,
+                 conv: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self._raw, self.bias, self.res, self.conv = raw, bias, res, conv
+
+    @property
+    def raw(self) -> torch.Tensor:
+        if self._raw is None:
+            self._raw, self.conv = conv_gemm(*self.conv), None
+        return self._raw
 
     @property
     def shape(self) -> torch.Size:
-        return self.raw.shape
+        return self._raw.shape if self._raw is not None else conv_gemm_shape(*self.conv)
+
+    def with_res(self, res: torch.Tensor) -> Pending:
+        return Pending(self._raw, self.bias, res, self.conv)
 
 
 def _interpreting() -> bool:
@@ -423,13 +435,21 @@ if triton is not None:
             tl.store(out_ptr + t * o_t + h * o_h + w * o_w + c * o_c, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _conv_kernel(a_desc, w0_desc, w1_desc, o0_desc, o1_desc, HW2, W2, C: tl.constexpr, TAPS: tl.constexpr,
-                     N0: tl.constexpr, N1: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    def _conv_kernel(a_desc, w0_desc, w1_desc, y0_desc, y1_desc, x0_desc, x1_desc, r0_desc, r1_desc, bias_ptr,
+                     gamma_ptr, HW2, W2, H, W, scale, C: tl.constexpr, TAPS: tl.constexpr, N0: tl.constexpr,
+                     N1: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
+                     STORE_X: tl.constexpr, INTERPRET: tl.constexpr):
         """An implicit-GEMM 3x3 (TAPS = 9) or 3x3x3 (27) conv over the window's padded grid: output row q is the sum
         over the taps of input row q + the tap's offset times the tap's weights, so that each tap's tile is one block
         of contiguous rows, which TMA loads (rows past the end read as zeros). BM rows by all N0 + N1 output channels
         (two dots: Triton's blocks are powers of 2), K = taps x C input channels, BK at a time; fp32 sums, rounded
-        once."""
+        once; the tile stored by TMA into y's rows q.
+
+        NORM: the epilogue stores what `_norm_silu_kernel` (fast) makes of the tile instead, as each pixel's channels
+        are all in this program: x = conv + bias (+ res, its rows q), each add rounded as `_materialize` rounds,
+        stored into x's rows q if STORE_X; SiLU(RMSNorm(x) * gamma) into y's. Rows are pixels of the padded grid
+        throughout: y's row q is its pixel, one frame and one row and column of border further into the next window,
+        and the grid's border rows (not pixels) store zeros, which land on that window's zero border."""
         q0 = tl.program_id(0) * BM
         acc0 = tl.zeros([BM, N0], tl.float32)
         acc1 = tl.zeros([BM, N1], tl.float32)
@@ -440,8 +460,30 @@ if triton is not None:
             a = a_desc.load([q0 + (tap // 9) * HW2 + (tap // 3 % 3) * W2 + tap % 3, kc])
             acc0 = tl.dot(a, w0_desc.load([tap * C + kc, 0]), acc0)
             acc1 = tl.dot(a, w1_desc.load([tap * C + kc, N0]), acc1)
-        o0_desc.store([q0, 0], acc0.to(o0_desc.dtype))
-        o1_desc.store([q0, N0], acc1.to(o1_desc.dtype))
+        io: tl.constexpr = y0_desc.dtype
+        if not NORM:
+            y0_desc.store([q0, 0], acc0.to(io))
+            y1_desc.store([q0, N0], acc1.to(io))
+        else:
+            c0, c1 = tl.arange(0, N0), N0 + tl.arange(0, N1)
+            v0 = _rounded(_rounded(acc0, io, INTERPRET) + tl.load(bias_ptr + c0).to(tl.float32)[None, :], io,
+                          INTERPRET)
+            v1 = _rounded(_rounded(acc1, io, INTERPRET) + tl.load(bias_ptr + c1).to(tl.float32)[None, :], io,
+                          INTERPRET)
+            if HAS_RES:
+                v0 = _rounded(v0 + r0_desc.load([q0, 0]).to(tl.float32), io, INTERPRET)
+                v1 = _rounded(v1 + r1_desc.load([q0, N0]).to(tl.float32), io, INTERPRET)
+            if STORE_X:
+                x0_desc.store([q0, 0], v0.to(io))
+                x1_desc.store([q0, N0], v1.to(io))
+            q = q0 + tl.arange(0, BM)
+            pixel = (((q % HW2) // W2) < H) & ((q % W2) < W)
+            inv = (scale * tl.rsqrt(tl.maximum(tl.sum(v0 * v0, axis=1) + tl.sum(v1 * v1, axis=1), 1e-24)))[:, None]
+            n0 = v0 * inv * tl.load(gamma_ptr + c0).to(tl.float32)[None, :]
+            n1 = v1 * inv * tl.load(gamma_ptr + c1).to(tl.float32)[None, :]
+            # (a border row's res may hold anything, NaN included: select, not multiply by 0)
+            y0_desc.store([q0, 0], tl.where(pixel[:, None], _rounded(n0 * tl.sigmoid(n0), io, INTERPRET), 0.0).to(io))
+            y1_desc.store([q0, N0], tl.where(pixel[:, None], _rounded(n1 * tl.sigmoid(n1), io, INTERPRET), 0.0).to(io))
 
     _FINGERPRINT_0, _FINGERPRINT_1 = (tl.constexpr(m) for m in FINGERPRINT_MULTIPLIERS)
 
@@ -477,11 +519,21 @@ def _operands(src: Pending) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
     return src.raw, bias, res, _strides(src.raw), _strides(res)
 
 
+FUSE_NORM_INTO_CONV = False
+"""Whether `norm_silu` runs a pending `conv_gemm` with the norm in the conv's epilogue (`conv_gemm_norm_silu`). Built
+and tested (interpreter, GPU kernel test) but not yet timed in a whole decode: a first epilogue, with pointer stores,
+made the decode 8 % slower (docs/benchmarks.md), so it stays off until this TMA-store one is measured."""
+
+
 def norm_silu(src: Pending, gamma: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None, *, exact: bool,
               frames_per_call: int, plan: tuple[int, int, bool] | None = None) -> None:
     """y = SiLU(RMSNorm(src) * gamma), and x = src materialised if given; y and x are views of any strides.
 
-    exact needs `plan` = (split, ctas, fma) for the Triton kernel (see `reduction_plan`)."""
+    exact needs `plan` = (split, ctas, fma) for the Triton kernel (see `reduction_plan`). A pending `conv_gemm` runs
+    with the norm in its epilogue (fast) where `FUSE_NORM_INTO_CONV`."""
+    fuse = FUSE_NORM_INTO_CONV and src.conv is not None and not exact
+    if fuse and conv_gemm_norm_silu(*src.conv, src.bias, src.res, gamma, y, x):
+        return
     c = src.shape[1]
     if not triton_ready(src.raw):
         v = materialize_reference(src)
@@ -609,29 +661,81 @@ def gemm_weights(weight: torch.Tensor) -> torch.Tensor:
     return weight.flatten(2).permute(2, 1, 0).reshape(-1, weight.shape[0]).contiguous()
 
 
+def conv_gemm_shape(window: torch.Tensor, weights: torch.Tensor) -> torch.Size:
+    """The shape of `conv_gemm(window, weights)`: [1, Cout, T, H, W]."""
+    _, cin, tw, hw, ww = window.shape
+    return torch.Size((1, weights.shape[1], tw - 2 if weights.shape[0] == 27 * cin else tw, hw - 2, ww - 2))
+
+
 def conv_gemm(window: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """A 3x3x3 conv (or a 3x3 one per frame) over a channels-last window [1, Cin, T (+ 2), H + 2, W + 2] (its zero
     border in place), `weights` from `gemm_weights`: -> [1, Cout, T, H, W] channels-last, no bias.
 
     cuDNN's implicit GEMM runs the Wan decoder's 96- and 192-channel convs at 420-580 TFLOP/s on an H200; this one
     at 500-680. It computes every pixel of the padded grid (0.7 % more at 480p) and returns the interior as a view."""
+    shape = conv_gemm_shape(window, weights)
+    out = torch.empty(shape[:3] + (shape[3] + 2, shape[4] + 2), dtype=window.dtype, device=window.device,
+                      memory_format=torch.channels_last_3d)[..., : shape[3], : shape[4]]
+    _run_conv_gemm(window, weights, out)
+    return out
+
+
+def conv_gemm_norm_silu(window: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor, res: torch.Tensor | None,
+                        gamma: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None) -> bool:
+    """`norm_silu(Pending(conv_gemm(window, weights), bias, res), gamma, y, x)` (fast) in one kernel, the norm in the
+    conv's epilogue: the conv output never goes through memory. Needs y (the next conv's window interior), x and
+    res laid out on the conv's padded grid (`padded_grid`); returns False, having done nothing, where they are not."""
+    grids = [_grid_rows(t, window) for t in (y, x, res)]
+    if grids[0] is None or (x is not None and grids[1] is None) or (res is not None and grids[2] is None):
+        return False
+    _run_conv_gemm(window, weights, *grids, bias=bias, gamma=gamma)
+    return True
+
+
+def padded_grid(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An empty channels-last [1, C, T, H, W] tensor laid out on a conv's padded grid (its rows H + 2 pixels apart,
+    its frames (H + 2) x (W + 2)): the interior view of a bigger tensor, that `conv_gemm_norm_silu` stores into."""
+    _, c, t, h, w = shape
+    return torch.empty((1, c, t, h + 2, w + 2), dtype=dtype, device=device,
+                       memory_format=torch.channels_last_3d)[..., :h, :w]
+
+
+def _grid_rows(t: torch.Tensor | None, window: torch.Tensor) -> torch.Tensor | None:
+    """[rows, C]: t's storage from its first pixel on, row q the q-th pixel of the padded grid of `window`'s frame
+    size; None where t is not laid out so (or not given)."""
+    if t is None:
+        return None
+    _, c, frames, hw, ww = t.shape[:3] + window.shape[3:]
+    if t.stride()[1:] != (1, hw * ww * c, ww * c, c):
+        return None
+    rows = min(frames * hw * ww, (t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()) // c)
+    return torch.as_strided(t, (rows, c), (c, 1), storage_offset=t.storage_offset())
+
+
+def _run_conv_gemm(window: torch.Tensor, weights: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None,
+                   res: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
+                   gamma: torch.Tensor | None = None) -> None:
     _, cin, tw, hw, ww = window.shape
     taps, cout = weights.shape[0] // cin, weights.shape[1]
     tile = CONV_TILES[cout]
     bm, bk = tile["BM"], tile["BK"]
     rows = tw * hw * ww
     pixels = window.permute(0, 2, 3, 4, 1).reshape(rows, cin)  # a view: a window is one channels-last tensor
-    out = torch.empty((1, cout, tw - taps // 9 + 1, hw, ww), dtype=window.dtype, device=window.device,
-                      memory_format=torch.channels_last_3d)
-    q = out[0, 0].numel()
-    grid = out.permute(0, 2, 3, 4, 1).view(q, cout)
     n0 = 1 << (cout.bit_length() - 1)  # 96 = 64 + 32, 192 = 128 + 64
     n1 = cout - n0
+    if y.dim() == 5:
+        y = _grid_rows(y, window)
+
+    def descs(t):
+        return (TensorDescriptor(t, list(t.shape), [cout, 1], [bm, n0]),
+                TensorDescriptor(t, list(t.shape), [cout, 1], [bm, n1])) if t is not None else descs(y)
+
+    q = conv_gemm_shape(window, weights)[2] * hw * ww
     _conv_kernel[(triton.cdiv(q, bm),)](
         TensorDescriptor(pixels, [rows, cin], [cin, 1], [bm, bk]),
         TensorDescriptor(weights, list(weights.shape), [cout, 1], [bk, n0]),
         TensorDescriptor(weights, list(weights.shape), [cout, 1], [bk, n1]),
-        TensorDescriptor(grid, [q, cout], [cout, 1], [bm, n0]),
-        TensorDescriptor(grid, [q, cout], [cout, 1], [bm, n1]),
-        hw * ww, ww, C=cin, TAPS=taps, N0=n0, N1=n1, **tile)
-    return out[..., : hw - 2, : ww - 2]
+        *descs(y), *descs(x), *descs(res), bias if bias is not None else weights,
+        gamma if gamma is not None else weights, hw * ww, ww, hw - 2, ww - 2, float(cout**0.5),
+        C=cin, TAPS=taps, N0=n0, N1=n1, NORM=gamma is not None, HAS_RES=res is not None, STORE_X=x is not None,
+        INTERPRET=_interpreting(), **tile)
