@@ -212,8 +212,10 @@ class Conv(Op):
         window, self._window = self._window, None
         if self.taps is not None:
             out = Pending(kernels.conv_by_taps(window, self.taps), self.bias)
-        elif self.gemm is not None:
+        elif self.gemm is not None and kernels.FUSE_NORM_INTO_CONV:
             out = Pending(None, self.bias, conv=(window, self.gemm))  # run by its consumer: a norm fuses it in
+        elif self.gemm is not None:  # now: the window goes before the consumer allocates the next one
+            out = Pending(kernels.conv_gemm(window, self.gemm), self.bias)
         else:
             out = self._run(frames, per_call, lambda way: self._fast(window, frames, per_call, way),
                             lambda: self._reference(window, frames, per_call))
