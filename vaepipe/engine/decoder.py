@@ -408,8 +408,12 @@ class ResBlock:
     def __call__(self, x: Pending, frames: int, per_call: int) -> Pending:
         if x.bias is None and x.res is None:
             x_in, store = x.raw, None
-        else:  # materialise x while normalising it: the residual needs it (on the padded grid: see norm_silu)
+        elif x.conv is not None:  # materialise x while normalising it: the residual needs it (where a pending
+            # conv_gemm fuses the norm in, on its padded grid: see norm_silu)
             x_in = store = kernels.padded_grid(x.shape, self.conv1.weight.dtype, self.conv1.weight.device)
+        else:
+            x_in = store = torch.empty(x.shape, dtype=x.raw.dtype, device=x.raw.device,
+                                       memory_format=torch.channels_last_3d)
         self.norm1(x, self.conv1.begin(frames), store, per_call)
         del x
         h = self.conv1.finish(frames, per_call)
