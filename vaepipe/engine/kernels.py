@@ -673,9 +673,7 @@ def conv_gemm(window: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
     cuDNN's implicit GEMM runs the Wan decoder's 96- and 192-channel convs at 420-580 TFLOP/s on an H200; this one
     at 500-680. It computes every pixel of the padded grid (0.7 % more at 480p) and returns the interior as a view."""
-    shape = conv_gemm_shape(window, weights)
-    out = torch.empty(shape[:3] + (shape[3] + 2, shape[4] + 2), dtype=window.dtype, device=window.device,
-                      memory_format=torch.channels_last_3d)[..., : shape[3], : shape[4]]
+    out = padded_grid(conv_gemm_shape(window, weights), window.dtype, window.device)
     _run_conv_gemm(window, weights, out)
     return out
 
@@ -728,14 +726,16 @@ def _run_conv_gemm(window: torch.Tensor, weights: torch.Tensor, y: torch.Tensor,
 
     def descs(t):
         return (TensorDescriptor(t, list(t.shape), [cout, 1], [bm, n0]),
-                TensorDescriptor(t, list(t.shape), [cout, 1], [bm, n1])) if t is not None else descs(y)
+                TensorDescriptor(t, list(t.shape), [cout, 1], [bm, n1]))
 
+    y_descs = descs(y)  # (and the placeholder of x, res, bias and gamma where not given: the constexprs skip them)
     q = conv_gemm_shape(window, weights)[2] * hw * ww
     _conv_kernel[(triton.cdiv(q, bm),)](
         TensorDescriptor(pixels, [rows, cin], [cin, 1], [bm, bk]),
         TensorDescriptor(weights, list(weights.shape), [cout, 1], [bk, n0]),
         TensorDescriptor(weights, list(weights.shape), [cout, 1], [bk, n1]),
-        *descs(y), *descs(x), *descs(res), bias if bias is not None else weights,
-        gamma if gamma is not None else weights, hw * ww, ww, hw - 2, ww - 2, float(cout**0.5),
+        *y_descs, *(y_descs if x is None else descs(x)), *(y_descs if res is None else descs(res)),
+        weights if bias is None else bias, weights if gamma is None else gamma,
+        hw * ww, ww, hw - 2, ww - 2, float(cout**0.5),
         C=cin, TAPS=taps, N0=n0, N1=n1, NORM=gamma is not None, HAS_RES=res is not None, STORE_X=x is not None,
         INTERPRET=_interpreting(), **tile)
