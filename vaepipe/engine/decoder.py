@@ -406,11 +406,14 @@ class ResBlock:
             conv.setup(h, w, frames)
 
     def __call__(self, x: Pending, frames: int, per_call: int) -> Pending:
+        on_grid = x.conv is not None
         if x.bias is None and x.res is None:
             x_in, store = x.raw, None
-        elif x.conv is not None:  # materialise x while normalising it: the residual needs it (where a pending
-            # conv_gemm fuses the norm in, on its padded grid: see norm_silu)
-            x_in = store = kernels.padded_grid(x.shape, self.conv1.weight.dtype, self.conv1.weight.device)
+        elif on_grid:  # materialise x while normalising it: the residual needs it. A pending conv_gemm fuses the norm
+            # in, on its padded grid (see norm_silu), over the last block's residual where that is this value's
+            # alone (it is on the grid too): one full-resolution tensor less at the peak
+            x_in = store = x.res if x.owns_res else kernels.padded_grid(x.shape, self.conv1.weight.dtype,
+                                                                       self.conv1.weight.device)
         else:
             x_in = store = torch.empty(x.shape, dtype=x.raw.dtype, device=x.raw.device,
                                        memory_format=torch.channels_last_3d)
@@ -420,8 +423,9 @@ class ResBlock:
         self.norm2(h, self.conv2.begin(frames), None, per_call)
         del h
         out = self.conv2.finish(frames, per_call)
-        residual = x_in if self.shortcut is None else self.shortcut.apply(x_in, per_call)
-        return out.with_res(residual)
+        if self.shortcut is not None:
+            return out.with_res(self.shortcut.apply(x_in, per_call))
+        return out.with_res(x_in, owned=store is not None and on_grid)
 
 
 class Attention:
