@@ -674,7 +674,7 @@ def conv_gemm(window: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     cuDNN's implicit GEMM runs the Wan decoder's 96- and 192-channel convs at 420-580 TFLOP/s on an H200; this one
     at 500-680. It computes every pixel of the padded grid (0.7 % more at 480p) and returns the interior as a view."""
     out = padded_grid(conv_gemm_shape(window, weights), window.dtype, window.device)
-    _run_conv_gemm(window, weights, out)
+    _run_conv_gemm(window, weights, _grid_rows(out, window))
     return out
 
 
@@ -684,7 +684,7 @@ def conv_gemm_norm_silu(window: torch.Tensor, weights: torch.Tensor, bias: torch
     conv's epilogue: the conv output never goes through memory. Needs y (the next conv's window interior), x and
     res laid out on the conv's padded grid (`padded_grid`); returns False, having done nothing, where they are not."""
     grids = [_grid_rows(t, window) for t in (y, x, res)]
-    if grids[0] is None or (x is not None and grids[1] is None) or (res is not None and grids[2] is None):
+    if any(g is None and t is not None for t, g in zip((y, x, res), grids, strict=True)):
         return False
     _run_conv_gemm(window, weights, *grids, bias=bias, gamma=gamma)
     return True
@@ -721,8 +721,6 @@ def _run_conv_gemm(window: torch.Tensor, weights: torch.Tensor, y: torch.Tensor,
     pixels = window.permute(0, 2, 3, 4, 1).reshape(rows, cin)  # a view: a window is one channels-last tensor
     n0 = 1 << (cout.bit_length() - 1)  # 96 = 64 + 32, 192 = 128 + 64
     n1 = cout - n0
-    if y.dim() == 5:
-        y = _grid_rows(y, window)
 
     def descs(t):
         return (TensorDescriptor(t, list(t.shape), [cout, 1], [bm, n0]),
