@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import bands
 from . import kernels
 from .decoder import Context, Decoder, Op
 from .kernels import Pending
@@ -159,6 +160,15 @@ class Engine:
             pieces.close()
         yield from (Piece(Pending(video), self.final, 1) for video in decode_stream(self.vae, z))
 
+    def banded(self, z: torch.Tensor, plan: bands.Plan) -> Iterator[bands.Frames]:
+        """Decode one sample `z` (as `stream`) in the bands of `plan` (vaepipe/bands.py): the frames of each call."""
+        _, _, _, h, w = z.shape
+        x = self.vae.post_quant_conv(z)
+        self.decoder.setup(h, w, plan.chunk, tail=False)
+        scale = self.vae.config.get("scale_factor_spatial") or 8
+        yield from bands.stream(_Tail(self), x, plan, width=w * scale,
+                                temporal=self.vae.config.get("scale_factor_temporal") or 4)
+
     def _timed(self, call):
         """(seconds, result) of call(), the GPU's work included."""
         if self.ctx.device.type == "cuda":
@@ -279,6 +289,32 @@ class Engine:
         frames = torch.empty((*video.shape[2:], 3), dtype=torch.uint8, device=z.device)
         to_uint8_frames(video, frames)
         return (video, frames), prints
+
+
+class _Tail:
+    """The engine's decoder as the band loop runs it (bands.Tail): the head on whole frames, the tail per slab."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.decoder = engine, engine.decoder
+        self.width = engine.decoder.size[1]
+
+    def head(self, x: torch.Tensor, first: bool) -> torch.Tensor:
+        return kernels.materialize_reference(self.decoder.head(x))
+
+    def start(self, s: bands.Slab, chunk: int) -> None:
+        self.decoder.setup_tail(s.heights(), self.width, chunk)
+
+    def state(self) -> list:
+        return self.decoder.tail_state()
+
+    def load(self, state: list) -> None:
+        self.decoder.load_tail(state)
+
+    def tail(self, x: torch.Tensor, s: bands.Slab, first: bool) -> Pending:
+        return self.decoder.tail(Pending(x), x.shape[2], first, crop=s.crop)[0]
+
+    def write(self, out: Pending, frames: torch.Tensor) -> None:
+        Piece(out, self.engine.final, self.engine.patch).write_uint8(frames)
 
 
 def schedule(frames: int, k: int) -> list[int]:

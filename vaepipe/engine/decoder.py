@@ -528,33 +528,69 @@ class Decoder:
         self.size: tuple[int, int, int] | None = None
 
     def convs(self) -> list[Conv]:
-        return [self.conv_in, *self.mid[0].convs(), *self.mid[2].convs(),
-                *(c for b in self.up_blocks for c in b.convs()), self.conv_out]
+        return [*self.head_convs(), *self.tail_convs()]
 
-    def setup(self, h: int, w: int, frames: int) -> None:
+    def head_convs(self) -> list[Conv]:
+        return [self.conv_in, *self.mid[0].convs(), *self.mid[2].convs()]
+
+    def tail_convs(self) -> list[Conv]:
+        return [*(c for b in self.up_blocks for c in b.convs()), self.conv_out]
+
+    def setup(self, h: int, w: int, frames: int, *, tail: bool = True) -> None:
         """Size every window and cache for latents h x w and up to `frames` latent frames per call (once per size);
-        zero the caches for a new clip."""
-        if self.size != (h, w, frames):
-            self.size = (h, w, frames)
+        zero the caches for a new clip. tail=False: the head's only (bands size the tail's per slab)."""
+        if self.size != (h, w, frames, tail):
+            self.size = (h, w, frames, tail)
             self.conv_in.setup(h, w, frames)
             for r in (self.mid[0], self.mid[2]):
                 r.setup(h, w, frames)
+            heights = []
             for block in self.up_blocks:
-                h, w, frames = block.setup(h, w, frames)
-            self.conv_out.setup(h, w, frames)
-        for conv in self.convs():
+                heights.append(h)
+                h *= 2 if block.upsampler else 1
+            if tail:
+                self.setup_tail(heights, w, frames)
+        for conv in self.convs() if tail else self.head_convs():
             conv.reset()
 
+    def setup_tail(self, heights: list[int], w: int, frames: int) -> list[tuple]:
+        """Size the up blocks' and the last conv's windows and caches (zeroed) for a slab whose rows at each up
+        block's input are `heights` (bands, see vaepipe/bands.py); return that state for `load_tail`."""
+        for block, h in zip(self.up_blocks, heights, strict=True):
+            h, w, frames = block.setup(h, w, frames)
+        self.conv_out.setup(h, w, frames)
+        return self.tail_state()
+
+    def tail_state(self) -> list[tuple]:
+        """The tail's per-slab state: each conv's frame size and causal cache."""
+        return [(conv.size, conv.cache) for conv in self.tail_convs()]
+
+    def load_tail(self, state: list[tuple]) -> None:
+        for conv, (size, cache) in zip(self.tail_convs(), state, strict=True):
+            conv.size, conv.cache = size, cache
+
     def __call__(self, latents: torch.Tensor, first: bool) -> tuple[Pending, int]:
+        return self.tail(self.head(latents), latents.shape[2], first)
+
+    def head(self, latents: torch.Tensor) -> Pending:
+        """conv_in and the mid block, on whole frames: the attention sees the whole frame."""
         frames = latents.shape[2]
         self.conv_in.begin(frames).copy_(latents)
         x = self.conv_in.finish(frames, 1)
         x = self.mid[0](x, frames, 1)
         x = self.mid[1](x, frames)
-        x = self.mid[2](x, frames, 1)
+        return self.mid[2](x, frames, 1)
+
+    def tail(self, x: Pending, frames: int, first: bool,
+             crop: Callable[[int, Pending], Pending] | None = None) -> tuple[Pending, int]:
+        """The up blocks and the last conv on the head's output `x`. `crop(i, x)` (bands) cuts the value entering up
+        block i (i = len(up_blocks): the last conv's output) to the rows the slab computes there."""
         per_call = 1
-        for block in self.up_blocks:
+        for i, block in enumerate(self.up_blocks):
+            if crop:
+                x = crop(i, x)
             x, frames, per_call = block(x, frames, per_call, first)
         self.norm_out(x, self.conv_out.begin(frames), None, per_call)
         del x
-        return self.conv_out.finish(frames, per_call), frames
+        out = self.conv_out.finish(frames, per_call)
+        return (crop(len(self.up_blocks), out) if crop else out), frames

@@ -57,6 +57,13 @@ class Pending:
     def with_res(self, res: torch.Tensor, *, owned: bool = False) -> Pending:
         return Pending(self._raw, self.bias, res, self.conv, owned)
 
+    def rows(self, start: int, stop: int) -> Pending:
+        """Rows [start, stop) of the value, as views (a band's slab, see vaepipe/bands.py); a pending conv runs."""
+        if start == 0 and stop == self.shape[3]:
+            return self
+        return Pending(self.raw[:, :, :, start:stop], self.bias,
+                       None if self.res is None else self.res[:, :, :, start:stop])
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"

@@ -5,10 +5,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import BadInput
+
+if TYPE_CHECKING:
+    from ..bands import Frames, Plan, TailShape
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -48,6 +52,9 @@ class Family:
     """Diffusers repos with this VAE in vae/, for messages and the README."""
     unsupported = ""
     """Why vaepipe refuses this VAE, where even the whole-clip fallback would write wrong frames."""
+    cannot_band = ("its decoder normalises with GroupNorm, whose statistics span the whole frame: banding needs them"
+                   " carried over the bands, not built yet")
+    """Why this family decodes whole frames only ("": it decodes in bands, see vaepipe/bands.py)."""
 
     # Building and describing a model.
 
@@ -110,6 +117,14 @@ class Family:
     def decode(self, vae, z: torch.Tensor, **kwargs) -> torch.Tensor:
         """diffusers' own decode [B, 3, F, H, W]: the reference the stream equals."""
         return vae.decode(z, **kwargs).sample
+
+    def tail_shape(self, vae) -> TailShape:
+        """The part of the decoder that runs in bands (families that band)."""
+        raise NotImplementedError(self.cannot_band)
+
+    def banded(self, vae, z: torch.Tensor, plan: Plan) -> Iterator[Frames]:
+        """`stream` in the bands of `plan` with diffusers' own modules (families that band)."""
+        raise NotImplementedError(self.cannot_band)
 
     def stream(self, vae, z: torch.Tensor, **kwargs) -> Iterator[torch.Tensor]:
         """Pieces [1, 3, F, H, W] in order whose concatenation is `decode`; any F (decode.py re-cuts them)."""

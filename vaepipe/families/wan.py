@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..bands import Frames, Plan, Slab, TailShape
 from ._base import Family
 
 # The Wan 2.2 (TI2V-5B) VAE config, as published in Wan-AI/Wan2.2-TI2V-5B-Diffusers/vae/config.json.
@@ -37,6 +38,7 @@ class Wan(Family):
     classes = ("AutoencoderKLWan",)
     streams = "exact"
     why = "one latent frame per decoder call, causal feature cache"
+    cannot_band = ""
     # Random weights, named so that nobody mistakes them for a trained model. The AutoencoderKLWan() defaults are
     # the Wan 2.1 VAE.
     presets = {
@@ -70,6 +72,111 @@ class Wan(Family):
             if patch_size is not None:
                 out = unpatchify(out, patch_size=patch_size)
             yield torch.clamp(out, min=-1.0, max=1.0)
+
+    def tail_shape(self, vae) -> TailShape:
+        """The decoder's up blocks and output conv as the band loop sees them (see vaepipe/bands.py)."""
+        decoder = vae.decoder
+        ops, channels, frames, caches = [], [], [], []
+        t = 1
+        for stage, block in enumerate(decoder.up_blocks):
+            steps, width = [], 0
+            for resnet in block.resnets:
+                for conv in (resnet.conv1, resnet.conv2):
+                    steps.append(("conv", conv._padding[2]))
+                    caches.append((stage, conv.in_channels, CACHE_FRAMES, conv._padding[2]))
+                    width = max(width, conv.in_channels, conv.out_channels)
+            up = _upsampler(block)
+            frames.append(t)
+            if up is not None:
+                if up.mode == "upsample3d":
+                    caches.append((stage, up.time_conv.in_channels, CACHE_FRAMES, 0))
+                    t *= 2
+                steps += [("up", 2), ("conv", up.resample[1].padding[0])]
+            ops.append(steps)
+            channels.append(width)
+        if _upsampler(decoder.up_blocks[-1]) is not None:
+            raise NotImplementedError("a Wan decoder whose last up block upsamples")  # (no released one does)
+        ops[-1].append(("conv", decoder.conv_out._padding[2]))
+        caches.append((len(ops) - 1, decoder.conv_out.in_channels, CACHE_FRAMES, decoder.conv_out._padding[2]))
+        return TailShape(ops=tuple(map(tuple, ops)), channels=tuple(channels), frames=tuple(frames),
+                         caches=tuple(caches), head_channels=decoder.mid_block.resnets[-1].conv2.out_channels,
+                         patch=vae.config.patch_size or 1)
+
+    def banded(self, vae, z: torch.Tensor, plan: Plan) -> Iterator[Frames]:
+        """`stream` in the bands of `plan` (one latent frame per call), with diffusers' own modules: its head (conv_in,
+        the mid block) on whole frames, its up blocks and output conv on each band's slab."""
+        from ..bands import stream
+
+        _, _, _, h, w = z.shape
+        scale = vae.config.get("scale_factor_spatial") or 8
+        yield from stream(_DiffusersTail(vae), vae.post_quant_conv(z), plan, width=w * scale,
+                          temporal=self.temporal_factor(vae))
+
+
+CACHE_FRAMES = 2
+"""Input frames each causal conv keeps for the next call (diffusers' CACHE_T)."""
+
+
+def _upsampler(block):
+    return getattr(block, "upsampler", None) or (block.upsamplers[0] if getattr(block, "upsamplers", None) else None)
+
+
+def _cached(conv, x: torch.Tensor, cache: list, idx: int) -> torch.Tensor:
+    """diffusers' causal conv call with its feature cache, as `WanDecoder3d.forward` makes it for conv_in/conv_out."""
+    cache_x = x[:, :, -CACHE_FRAMES:].clone()
+    if cache_x.shape[2] < 2 and cache[idx] is not None:
+        cache_x = torch.cat([cache[idx][:, :, -1:].to(cache_x.device), cache_x], dim=2)
+    x = conv(x, cache[idx])
+    cache[idx] = cache_x
+    return x
+
+
+class _DiffusersTail:
+    """diffusers' `WanDecoder3d.forward` split for the band loop (bands.Tail): the same calls, with a feature cache
+    for the head and one per band."""
+
+    def __init__(self, vae):
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+        self.decoder = vae.decoder
+        self.patch = vae.config.patch_size
+        self.size = sum(isinstance(m, WanCausalConv3d) for m in self.decoder.modules())
+        self.head_cache = [None] * self.size
+        self.cache: list = []
+        self.tail_start = 0
+
+    def head(self, x: torch.Tensor, first: bool) -> torch.Tensor:
+        x = _cached(self.decoder.conv_in, x, self.head_cache, 0)
+        idx = [1]
+        x = self.decoder.mid_block(x, feat_cache=self.head_cache, feat_idx=idx)
+        self.tail_start = idx[0]
+        return x
+
+    def start(self, s: Slab, chunk: int) -> None:
+        self.cache = [None] * self.size
+
+    def state(self) -> list:
+        return self.cache
+
+    def load(self, state: list) -> None:
+        self.cache = state
+
+    def tail(self, x: torch.Tensor, s: Slab, first: bool) -> torch.Tensor:
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+        idx = [self.tail_start]
+        for i, block in enumerate(self.decoder.up_blocks):
+            x = block(s.crop(i, x), feat_cache=self.cache, feat_idx=idx, first_chunk=first)
+        x = self.decoder.nonlinearity(self.decoder.norm_out(x))
+        x = s.crop(len(self.decoder.up_blocks), _cached(self.decoder.conv_out, x, self.cache, idx[0]))
+        if self.patch is not None:
+            x = unpatchify(x, patch_size=self.patch)
+        return torch.clamp(x, min=-1.0, max=1.0)
+
+    def write(self, out: torch.Tensor, frames: torch.Tensor) -> None:
+        from ..decode import to_uint8_frames
+
+        to_uint8_frames(out, frames)
 
 
 FAMILY = Wan()
