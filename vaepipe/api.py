@@ -61,10 +61,12 @@ class Exporter:
     """
 
     def __init__(self, vae: torch.nn.Module | None = None, *, pipe=None, exact: bool = False, chunk: int | None = None,
-                 buffers: int = 2, sync: bool = False, progress: bool = False):
+                 buffers: int = 2, sync: bool = False, bands: int | None = None, max_vram: str | int | None = None,
+                 progress: bool = False):
         model = _vae_of(vae, pipe)
         self._vae = LoadedVae(model=model, source=f"{type(model).__name__} (passed in)")
-        self._options = DecodeOptions(exact=exact, chunk=chunk, buffers=buffers, sync=sync)
+        self._options = DecodeOptions(exact=exact, chunk=chunk, buffers=buffers, sync=sync, bands=bands,
+                                      max_vram=max_vram)
         self._reporter = Reporter(quiet=not progress)
         self._session = Session(self._reporter)
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="vaepipe-finish")

@@ -145,7 +145,7 @@ class Plan:
     window: int
     """Latent frames the head decodes before the bands run (the clip's: one window)."""
     caches: str
-    """Where the bands' caches wait between windows: "gpu" or "host" (one window: each band's live while it runs)."""
+    """Where the bands' caches wait between windows: "device" or "host" (one window: each band's live while it runs)."""
     need: int = 0
     """Bytes the memory model says the decode needs at its peak."""
     patch: int = 1
@@ -209,7 +209,7 @@ class Clip:
         slabs = [slab(self.shape, self.height, r) for r in band_rows(self.out_height, bands, self.align)]
         band = max(self.caches_bytes(s) + self.activation_bytes(s, chunk) for s in slabs)
         kept = 0
-        if window < self.latent_frames and caches == "gpu" and bands > 1:
+        if window < self.latent_frames and caches == "device" and bands > 1:
             kept = sum(self.caches_bytes(s) for s in slabs) - max(self.caches_bytes(s) for s in slabs)
         frames = self.frames_of(window) if bands > 1 else 0  # one band: the lanes' buffers are its frame buffer
         head = HEAD_MAPS * self.head_bytes(chunk) + (self.head_bytes(window) if bands > 1 else 0)
@@ -221,16 +221,16 @@ def plan(clip: Clip, *, bands: int, chunk: int | None = None, window: int | None
     """The plan for a given band count: the largest chunk (of `clip.chunks`) unless given, one window for the clip
     unless given, caches on the GPU unless given."""
     window = clip.latent_frames if window is None or bands == 1 else max(1, min(window, clip.latent_frames))
-    caches = caches or "gpu"
+    caches = caches or "device"
     k = chunk or clip.chunks[-1]
     need, slabs = clip.need(bands, k, window, caches)
     return Plan(bands=bands, slabs=slabs, chunk=k, window=window, caches=caches, need=need,
                 patch=clip.shape.patch, why=why)
 
 
-def choose(clip: Clip, limit: int, *, caches: str | None = None, window: int | None = None) -> Plan:
-    """The fewest bands (then the most latent frames per call) whose modelled peak fits in `limit` bytes; raise
-    BadInput naming the minimum where even the thinnest bands do not fit."""
+def choose(clip: Clip, limit: int, *, caches: str | None = None, window: int | None = None, free: bool = False) -> Plan:
+    """The fewest bands (then the most latent frames per call) whose modelled peak fits in `limit` bytes (--max-vram,
+    or what is `free` on the device); raise BadInput naming the minimum where even the thinnest bands do not fit."""
     most = max(1, clip.out_height // clip.align)
     for bands in range(1, most + 1):
         if window is None and bands > 1:
@@ -239,17 +239,19 @@ def choose(clip: Clip, limit: int, *, caches: str | None = None, window: int | N
             fit = max(1, min(clip.latent_frames, (limit // 4 // clip.frame_bytes - 1) // clip.temporal + 1))
         else:
             fit = window or clip.latent_frames
-        places = [caches] if caches else (["gpu"] if fit >= clip.latent_frames else ["gpu", "host"])
+        places = [caches] if caches else (["device"] if fit >= clip.latent_frames else ["device", "host"])
         for place in places:
             for k in clip.chunks:
                 need, _ = clip.need(bands, k, fit, place)
                 if need <= limit:
                     return plan(clip, bands=bands, chunk=k, window=fit, caches=place,
-                                why=f"fewest bands whose modelled peak ({gib(need)}) fits in {gib(limit)}")
+                                why=f"fewest bands whose modelled peak ({gib(need)}) fits in {gib(limit)}"
+                                    + (" free" if free else ""))
     least, _ = clip.need(most, clip.chunks[-1], 1, "host")
+    have, fix = ((f"{gib(limit)} is free", "free the device of other work") if free else
+                 (f"the limit is {gib(limit)}", "raise --max-vram to at least that"))
     raise BadInput(f"decoding these frames needs at least {gib(least)} of device memory (the weights, the lane "
-                   f"buffers and {most} bands of {clip.align} rows), but the limit is {gib(limit)}: raise --max-vram "
-                   "to at least that, or decode smaller frames")
+                   f"buffers and {most} bands of {clip.align} rows), but {have}: {fix}, or decode smaller frames")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

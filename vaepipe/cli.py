@@ -110,6 +110,13 @@ Metadata = Annotated[list[str] | None, typer.Option(help="KEY=VALUE tag, repeata
                                                          "are; other keys join the JSON comment beside the latents "
                                                          "file's prompt, seed, model.")]
 NoMetadata = Annotated[bool, typer.Option("--no-metadata", help="Write no tags (not even the latents file's).")]
+Bands = Annotated[int | None, typer.Option(help="Decode each frame in N horizontal bands with halos: the same frames "
+                                                "as whole, in less GPU memory (Wan VAEs).")]
+MaxVram = Annotated[str | None, typer.Option("--max-vram", help="GPU memory the decode may use at its peak (6GiB, "
+                                                                 "6000MB): the fewest bands that fit. Default: "
+                                                                 "bands only where whole frames do not fit.")]
+BandCaches = Annotated[str | None, typer.Option(help="Where the bands' causal caches wait between windows of a "
+                                                     "long clip: device or host (default: where they fit).")]
 Json = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 
@@ -125,7 +132,8 @@ def decode(
     pix_fmt: PixFmt = None, pad: Pad = True, encoders: Encoders = "auto", denormalize: Denorm = True,
     exact: Exact = False, engine: EngineOpt = None, fast: Fast = False, decode_timestep: DecodeTimestep = None,
     decode_noise_scale: DecodeNoise = None, audio: Audio = None, cut_audio: CutAudio = True,
-    metadata: Metadata = None, no_metadata: NoMetadata = False, json_out: Json = False, quiet: Quiet = False,
+    metadata: Metadata = None, no_metadata: NoMetadata = False, bands: Bands = None, max_vram: MaxVram = None,
+    band_caches: BandCaches = None, json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Decode one latents file into a video through the three-lane pipeline."""
     from .mux import parse_metadata
@@ -134,7 +142,8 @@ def decode(
     try:
         options = DecodeOptions(vae=vae, dtype=dtype, device=device, chunk=chunk, buffers=buffers, sync=sync,
                                 denormalize=denormalize, exact=exact, engine=engine, fast=fast,
-                                decode_timestep=decode_timestep, decode_noise_scale=decode_noise_scale)
+                                decode_timestep=decode_timestep, decode_noise_scale=decode_noise_scale,
+                                bands=bands, max_vram=max_vram, band_caches=band_caches)
         encode = EncodeOptions(codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, fps=fps, pad=pad,
                                encoders=encoders, audio=audio, cut_audio=cut_audio,
                                metadata=parse_metadata(metadata) if metadata else None, no_metadata=no_metadata)
@@ -165,7 +174,8 @@ def batch(
     pix_fmt: PixFmt = None, pad: Pad = None, encoders: Encoders = None, denormalize: Denorm = None,
     exact: Exact = None, engine: EngineOpt = None, fast: Fast = None, decode_timestep: DecodeTimestep = None,
     decode_noise_scale: DecodeNoise = None, audio: Audio = None, cut_audio: CutAudio = None,
-    metadata: Metadata = None, no_metadata: NoMetadata = None, json_out: Json = False, quiet: Quiet = False,
+    metadata: Metadata = None, no_metadata: NoMetadata = None, bands: Bands = None, max_vram: MaxVram = None,
+    band_caches: BandCaches = None, json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Decode many latents files as one batch: GPU kept busy, bad jobs skipped, resumable, sharded by torchrun.
 
@@ -179,7 +189,8 @@ def batch(
              "encoders": int(encoders) if encoders and encoders.isdigit() else encoders,
              "denormalize": denormalize, "exact": exact, "engine": engine, "fast": fast,
              "decode_timestep": decode_timestep, "decode_noise_scale": decode_noise_scale,
-             "audio": str(audio.resolve()) if audio else None, "cut_audio": cut_audio, "no_metadata": no_metadata}
+             "audio": str(audio.resolve()) if audio else None, "cut_audio": cut_audio, "no_metadata": no_metadata,
+             "bands": bands, "max_vram": max_vram, "band_caches": band_caches}
     overrides = {k: v for k, v in given.items() if v is not None}
     reporter = Reporter(quiet=quiet, as_json=json_out)
     try:

@@ -39,7 +39,7 @@ from .runner import DecodeOptions
 # exactly the fields of DecodeOptions and EncodeOptions, so a new option cannot be forgotten here.
 DECODE_KEYS = {"vae": str, "dtype": str, "device": str, "chunk": int, "buffers": int, "sync": bool,
                "denormalize": bool, "exact": bool, "fast": bool, "engine": bool, "decode_timestep": float,
-               "decode_noise_scale": float}
+               "decode_noise_scale": float, "bands": int, "max_vram": str, "band_caches": str}
 ENCODE_KEYS = {"codec": str, "crf": int, "preset": str, "pix_fmt": str, "fps": float, "pad": bool, "audio": str,
                "cut_audio": bool, "metadata": dict, "no_metadata": bool, "encoders": int | str}
 OPTION_KEYS = DECODE_KEYS | ENCODE_KEYS

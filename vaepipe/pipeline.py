@@ -49,6 +49,10 @@ class LaneStats:
     """(lane, chunk, start, end) in seconds since the lanes started: the timeline a trace shows."""
     engine: dict | None = None
     """What the engine did (policy, latent frames per call, self-check time and fallbacks), when it decoded."""
+    bands: dict | None = None
+    """The bands the frames decoded in (bands.Plan.report), when more than whole frames."""
+    peak: int | None = None
+    """Peak device memory of the process so far (CUDA: torch.cuda.max_memory_allocated), when the file was done."""
 
     @property
     def decode_utilization(self) -> float:

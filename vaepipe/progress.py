@@ -71,6 +71,13 @@ class Reporter:
                 f"({out['frames'] / out['wall_s']:.1f} fps), decode-lane utilization "
                 f"{out['decode_utilization']:.1%}; encoder drain after the last frame {out['encoder_drain_s']:.3f} s",
                 highlight=False)
+            bands, peak = out.get("band_plan"), out.get("peak_gib")
+            if bands or peak is not None:
+                where = (f"in {bands['bands']} bands of {min(bands['rows'])}-{max(bands['rows'])} rows, "
+                         f"{bands['chunk']} latent frames per call, caches on the {bands['caches']} ({bands['why']})"
+                         if bands else "whole frames")
+                self.progress.console.print(f"decoded {where}" + (f"; peak GPU memory {peak:.2f} GiB"
+                                                                  if peak is not None else ""), highlight=False)
 
 
 class _LaneRows:

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from . import __version__
+from . import bands as banding
 from . import engine as engines
 from .decode import decode_stream
 from .encode import EncodeOptions, EncodePlan, Encoder, check_frame_size, check_writable, plan_encode
 from .errors import BadInput, VaepipeError
 from .families import PRESET_NAMES, DecodeSettings, default_repo, preset_channels
 from .latents import Latents, check_for_vae, read_latents
-from .memory import check_decode_fits
+from .memory import check_decode_fits, device_available, gib, parse_bytes
 from .mux import probe_audio, with_mux
 from .pipeline import Buffers, Jitter, LaneStats, Progress, run_lanes
 from .progress import Reporter
@@ -56,6 +58,13 @@ class DecodeOptions:
     """Timestep-conditioned decoders (LTX 0.9.1+): the pipeline's decode_timestep; None: the latents file's, else 0."""
     decode_noise_scale: float | None = None
     """Their decode_noise_scale; None: the latents file's, else the decode timestep (the pipelines' defaults)."""
+    bands: int | None = None
+    """Horizontal bands each frame decodes in (vaepipe/bands.py); None: one, or what --max-vram (else the free
+    memory) calls for."""
+    max_vram: str | int | None = None
+    """Device memory the decode may use at its peak (6GiB, 6000MB, bytes): the fewest bands that fit."""
+    band_caches: str | None = None
+    """Where the bands' causal caches wait between windows: device or host; None: where they fit."""
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -72,6 +81,12 @@ class DecodeOptions:
                            f" {PRESET_NAMES}")
         if self.device is not None and not (self.device in ("cpu", "cuda") or self.device.startswith("cuda:")):
             raise BadInput(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.bands is not None and not 1 <= self.bands <= 4096:
+            raise BadInput(f"bands must be in 1..4096, got {self.bands}")
+        if self.band_caches not in (None, "device", "host"):
+            raise BadInput(f"band_caches must be device or host, got {self.band_caches!r}")
+        if self.max_vram is not None:
+            parse_bytes(self.max_vram)
         for name in ("decode_timestep", "decode_noise_scale"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:  # also NaN
@@ -164,12 +179,57 @@ class Session:
         plans = [plan_encode(o, width=w * scale, height=h * scale, fps=fps, options=encode) for o in outputs]
         self._check_fits(vae, plans[0], options, latents)
         check_frame_size(plans[0])
+        bands = self._bands(vae, plans[0], options, latents)
         plans = with_mux(plans, encode, audio=audio, recorded=latents.metadata,
                          frames=vae.family.num_frames(vae.model, latents.tensor.shape[2]))
         if plans[0].pad_right or plans[0].pad_bottom:
             self.reporter.log(f"frames are {w * scale}x{h * scale}: padding to even sizes for {plans[0].pix_fmt}"
                               " by repeating the last column/row (not rescaled)")
-        return Job(latents=latents, vae=vae, plans=plans, options=options)
+        return Job(latents=latents, vae=vae, plans=plans, options=options, bands=bands)
+
+    def _bands(self, vae: LoadedVae, plan: EncodePlan, options: DecodeOptions, latents: Latents) -> banding.Plan | None:
+        """The bands a decode runs in: those asked for, the fewest that fit --max-vram, or, where the whole frame
+        would not fit in the device's free memory, the fewest that fit there; None: whole frames, as ever."""
+        asked = options.bands is not None and options.bands > 1 or options.max_vram is not None
+        if vae.family.cannot_band:
+            if asked:
+                raise BadInput(f"{type(vae.model).__name__} cannot decode in bands ({vae.family.cannot_band}): drop"
+                               " --bands and --max-vram")
+            return None
+        if options.bands == 1 and options.max_vram is None:
+            return None
+        clip = self._clip(vae, plan, options, latents)
+        if options.bands:
+            chosen = banding.plan(clip, bands=options.bands, caches=options.band_caches,
+                                  why="--bands" if options.max_vram is None else "--bands (--max-vram not applied)")
+        elif options.max_vram is not None:
+            chosen = banding.choose(clip, parse_bytes(options.max_vram), caches=options.band_caches)
+        else:
+            free = device_available(vae.device)
+            if vae.device.type == "cuda":
+                free += torch.cuda.memory_allocated(vae.device)  # (the model counts what this process holds)
+            whole, _ = clip.need(1, clip.chunks[-1], 1, "device")
+            if whole <= free:
+                return None
+            chosen = banding.choose(clip, free, caches=options.band_caches, free=True)
+            self.reporter.log(f"frames of {plan.width}x{plan.height} need about {gib(whole)} whole, {gib(free)} is "
+                              f"free on {vae.device}: decoding in {chosen.bands} bands")
+        return chosen
+
+    def _clip(self, vae: LoadedVae, plan: EncodePlan, options: DecodeOptions, latents: Latents) -> banding.Clip:
+        """What the bands' memory model needs of this decode."""
+        engine = self._uses_engine(vae, options) and not options.exact
+        chunks = (options.chunk,) if options.chunk else engines.CHUNKS if engine else (1,)
+        _, c, t, h, w = latents.tensor.shape
+        itemsize = vae.dtype.itemsize
+        frame_bytes = math.prod(plan.frame_shape)
+        slots = 1 if options.sync else options.buffers
+        fixed = (sum(p.numel() * p.element_size() for p in vae.model.parameters())
+                 + slots * chunks[0] * vae.temporal_factor * frame_bytes + 3 * c * t * h * w * itemsize)
+        return banding.Clip(shape=vae.family.tail_shape(vae.model), height=h, width=w, latent_frames=t,
+                            itemsize=itemsize, fixed=fixed, frame_bytes=frame_bytes, temporal=vae.temporal_factor,
+                            activation_maps=banding.ACTIVATION_MAPS["engine" if engine else "diffusers"],
+                            chunks=chunks)
 
     def _check_fits(self, vae: LoadedVae, plan: EncodePlan, options: DecodeOptions, latents: Latents) -> None:
         """The lane buffers and a floor on the decoder's working memory, against what the device has (one latent
@@ -183,6 +243,8 @@ class Session:
         patch = config.get("patch_size")
         width /= (patch if isinstance(patch, int) else 1) ** 2
         held = tuple(sum(t.numel() for t in ts) for ts in (self.buffers.vram, self.buffers.host))
+        if not vae.family.cannot_band:
+            width = 0  # the decoder's working memory: the bands' model (`_bands`) checks it
         factor = vae.temporal_factor
         whole = vae.family.streams_for(vae.model) == "whole"  # all frames in one call
         check_decode_fits(frame_shape=plan.frame_shape, frames_per_chunk=(options.chunk or 1) * factor,
@@ -206,7 +268,7 @@ class Session:
                                                denormalize=options.denormalize and not job.latents.raw,
                                                settings=settings)
             streamed = self.stream_sample(vae, z, plan, options, progress=self.reporter.lanes(frames), jitter=jitter,
-                                          decode_kwargs=kwargs)
+                                          decode_kwargs=kwargs, bands=job.bands)
             del z, kwargs
             yield streamed
 
@@ -222,13 +284,21 @@ class Session:
 
     def stream_sample(self, vae: LoadedVae, z: torch.Tensor, plan: EncodePlan, options: DecodeOptions, *,
                       progress: Progress | None = None, jitter: Jitter | None = None,
-                      decode_kwargs: dict | None = None, encoder_for: OpenEncoder | None = None) -> Streamed:
+                      decode_kwargs: dict | None = None, encoder_for: OpenEncoder | None = None,
+                      bands: banding.Plan | None = None) -> Streamed:
         """`decode_sample` up to the point where every frame is in the encoder; the caller finishes or aborts.
         `encoder_for(plan, frames)` replaces the encoder (bench: natural frames, or none to time decoding alone);
-        `decode_kwargs`: the rest of what the family's `prepare` gave (LTX's decode timestep)."""
+        `decode_kwargs`: the rest of what the family's `prepare` gave (LTX's decode timestep); `bands`: the plan
+        `prepare` chose (None: whole frames)."""
         t = time.perf_counter()
+        if bands is not None and bands.bands == 1:  # whole frames, at most the latent frames per call that fit
+            options = replace(options, chunk=options.chunk or bands.chunk)
         engine = self.engine(vae, options)
-        if engine:  # one piece per step: the engine's call of several latent frames
+        if bands is not None and bands.bands > 1:  # one piece per call; --exact: diffusers' own modules on the bands
+            engine = None if options.exact else engine
+            pieces = engine.banded(z, bands) if engine else vae.family.banded(vae.model, z, bands)
+            step, frames_per_chunk = 1, bands.chunk * vae.temporal_factor
+        elif engine:  # one piece per step: the engine's call of several latent frames
             pieces, step = engine.stream(z), 1
             frames_per_chunk = engine.max_frames(*z.shape[3:])
         else:
@@ -252,24 +322,31 @@ class Session:
         except BaseException:
             encoder.abort()
             raise
+        stats.bands = bands.report() if bands is not None else None
+        if vae.device.type == "cuda":
+            stats.peak = torch.cuda.max_memory_allocated(vae.device)
         if engine:
             stats.engine = engine.report(z.shape[3:])
+            if bands is not None and bands.bands > 1:
+                stats.engine["chunk"] = bands.chunk
             if engine.fallbacks and engine.fallbacks.keys() != self._reported:
                 self._reported = engine.fallbacks.keys()
                 self.reporter.log(f"exact: {len(engine.fallbacks)} ops run diffusers' way on this GPU (the self-check"
                                   f" found other bits): {', '.join(engine.fallbacks)}")
         return Streamed(plan=plan, encoder=encoder, stats=stats, started=t)
 
+    def _uses_engine(self, vae: LoadedVae, options: DecodeOptions) -> bool:
+        if options.engine is None:
+            return vae.device.type == "cuda" and engines.supports(vae.model)
+        if options.engine and not engines.supports(vae.model):
+            raise BadInput(f"vaepipe's engine decodes Wan VAEs; {type(vae.model).__name__} has none: leave the"
+                           " engine off")
+        return options.engine
+
     def engine(self, vae: LoadedVae, options: DecodeOptions) -> engines.Engine | None:
         """The engine that decodes with `options` (one per VAE, policy and chunk, kept for its tuned state), or None
         for diffusers' own decoder."""
-        use = options.engine
-        if use is None:
-            use = vae.device.type == "cuda" and engines.supports(vae.model)
-        elif use and not engines.supports(vae.model):
-            raise BadInput(f"vaepipe's engine decodes Wan VAEs; {type(vae.model).__name__} has none: leave the"
-                           " engine off")
-        if not use:
+        if not self._uses_engine(vae, options):
             return None
         key = (id(vae.model), options.exact, options.chunk)
         if key not in self._engines:
@@ -315,6 +392,7 @@ class Job:
     vae: LoadedVae
     plans: list[EncodePlan]
     options: DecodeOptions
+    bands: banding.Plan | None = None
 
 
 def decode_settings(options: DecodeOptions, latents: Latents) -> DecodeSettings:
@@ -342,6 +420,8 @@ def summarize(job: Job, plan: EncodePlan, stats: LaneStats, size: int) -> dict:
         "audio": str(plan.mux.audio.path) if plan.mux.audio else None, "tags": [k for k, _ in plan.mux.tags],
         "mode": "sync" if job.options.sync else "pipelined", "exact": job.options.exact,
         "decoder": stats.engine or {"name": "diffusers"}, "buffers": 1 if job.options.sync else job.options.buffers,
+        "bands": stats.bands["bands"] if stats.bands else 1, "band_plan": stats.bands,
+        "peak_gib": round(stats.peak / 2**30, 3) if stats.peak is not None else None,
         "wall_s": round(stats.wall_s, 4), "busy_s": {k: round(v, 4) for k, v in stats.busy_s.items()},
         "encoder_drain_s": round(stats.drain_s, 4), "encoders": stats.encoders,
         "decode_utilization": round(stats.decode_utilization, 4), "vaepipe": __version__,
