@@ -6,16 +6,14 @@ import random
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from vaepipe import bands
+from vaepipe.cli import app
 from vaepipe.decode import decode_stream, to_uint8_frames
 from vaepipe.engine import Engine
 from vaepipe.errors import BadInput
 from vaepipe.families import FAMILIES, family_of
-
-from typer.testing import CliRunner
-
-from vaepipe.cli import app
 
 from conftest import read_video, tiny_vae, write_latents
 
@@ -61,7 +59,7 @@ def test_every_band_row_is_computed_from_real_rows_only(seed):
 
 def test_bands_cover_the_frame_once_on_latent_row_edges():
     rows = bands.band_rows(56, 3, 8)
-    assert rows[0][0] == 0 and rows[-1][1] == 56 and all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
+    assert rows[0][0] == 0 and rows[-1][1] == 56 and all(a[1] == b[0] for a, b in zip(rows, rows[1:], strict=False))
     assert all(a % 8 == 0 for a, _ in rows)
     assert bands.band_rows(56, 56, 8) == [(i, i + 1) for i in range(56)]  # bands of a row: edges off the grid
     with pytest.raises(BadInput, match="bands must be in 1..56"):
@@ -95,7 +93,8 @@ def _banded(vae, z, plan, *, engine: Engine | None = None):
         x = vae.post_quant_conv(z)
     else:
         tail, x = _Recorded(_DiffusersTail(vae), lambda out: out), vae.post_quant_conv(z)
-    frames = torch.cat([p.frames for p in bands.stream(tail, x, plan, width=z.shape[4] * vae.config.scale_factor_spatial,
+    width = z.shape[4] * vae.config.scale_factor_spatial
+    frames = torch.cat([p.frames for p in bands.stream(tail, x, plan, width=width,
                                                          temporal=vae.config.scale_factor_temporal)])
     calls = len(tail.outputs) // plan.bands
     video = torch.cat([torch.cat(tail.outputs[c::calls], dim=3) for c in range(calls)], dim=2)
