@@ -99,11 +99,15 @@ def _status_kib(key: str) -> int:
 
 def device_available(device: torch.device) -> int:
     """Bytes a new allocation on `device` can use: on a GPU the driver's free memory plus what PyTorch's caching
-    allocator holds unused; on the CPU, `host_available()`."""
+    allocator holds unused, within the process's memory fraction; on the CPU, `host_available()`."""
     if device.type != "cuda":
         return host_available()
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    available = free + torch.cuda.memory_reserved(device) - allocated
+    # A cap set with torch.cuda.set_per_process_memory_fraction (a shared GPU, a test) binds before the card does.
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(device)
+    return max(0, min(available, int(fraction * total) - allocated))
 
 
 def decode_need(*, frame_shape: tuple[int, int, int], frames_per_chunk: int, frames_per_call: int, k: int,

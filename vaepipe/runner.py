@@ -198,7 +198,8 @@ class Session:
             return None
         if options.bands == 1 and options.max_vram is None:
             return None
-        clip = self._clip(vae, plan, options, latents)
+        clip = band_clip(vae, tuple(latents.tensor.shape), plan.frame_shape, options,
+                         engine=self._uses_engine(vae, options) and not options.exact)
         if options.bands:
             chosen = banding.plan(clip, bands=options.bands, caches=options.band_caches,
                                   why="--bands" if options.max_vram is None else "--bands (--max-vram not applied)")
@@ -215,21 +216,6 @@ class Session:
             self.reporter.log(f"frames of {plan.width}x{plan.height} need about {gib(whole)} whole, {gib(free)} is "
                               f"free on {vae.device}: decoding in {chosen.bands} bands")
         return chosen
-
-    def _clip(self, vae: LoadedVae, plan: EncodePlan, options: DecodeOptions, latents: Latents) -> banding.Clip:
-        """What the bands' memory model needs of this decode."""
-        engine = self._uses_engine(vae, options) and not options.exact
-        chunks = (options.chunk,) if options.chunk else engines.CHUNKS if engine else (1,)
-        _, c, t, h, w = latents.tensor.shape
-        itemsize = vae.dtype.itemsize
-        frame_bytes = math.prod(plan.frame_shape)
-        slots = 1 if options.sync else options.buffers
-        fixed = (sum(p.numel() * p.element_size() for p in vae.model.parameters())
-                 + slots * chunks[0] * vae.temporal_factor * frame_bytes + 3 * c * t * h * w * itemsize)
-        return banding.Clip(shape=vae.family.tail_shape(vae.model), height=h, width=w, latent_frames=t,
-                            itemsize=itemsize, fixed=fixed, frame_bytes=frame_bytes, temporal=vae.temporal_factor,
-                            activation_maps=banding.ACTIVATION_MAPS["engine" if engine else "diffusers"],
-                            chunks=chunks)
 
     def _check_fits(self, vae: LoadedVae, plan: EncodePlan, options: DecodeOptions, latents: Latents) -> None:
         """The lane buffers and a floor on the decoder's working memory, against what the device has (one latent
@@ -352,6 +338,22 @@ class Session:
         if key not in self._engines:
             self._engines[key] = engines.Engine(vae.model, exact=options.exact, chunk=options.chunk)
         return self._engines[key]
+
+
+def band_clip(vae: LoadedVae, shape: tuple[int, ...], frame_shape: tuple[int, int, int], options: DecodeOptions, *,
+              engine: bool) -> banding.Clip:
+    """What the bands' memory model needs of one sample of latents `shape` decoded to frames of `frame_shape`
+    (padded [H, W, 3]) with `options`, by the engine (fast policy) or diffusers' own modules."""
+    chunks = (options.chunk,) if options.chunk else engines.CHUNKS if engine else (1,)
+    _, c, t, h, w = shape
+    itemsize = vae.dtype.itemsize
+    frame_bytes = math.prod(frame_shape)
+    slots = 1 if options.sync else options.buffers
+    fixed = (sum(p.numel() * p.element_size() for p in vae.model.parameters())
+             + slots * chunks[0] * vae.temporal_factor * frame_bytes + 3 * c * t * h * w * itemsize)
+    return banding.Clip(shape=vae.family.tail_shape(vae.model), height=h, width=w, latent_frames=t,
+                        itemsize=itemsize, fixed=fixed, frame_bytes=frame_bytes, temporal=vae.temporal_factor,
+                        activation_maps=banding.ACTIVATION_MAPS["engine" if engine else "diffusers"], chunks=chunks)
 
 
 def open_encoder(plan: EncodePlan, frames: int) -> Encoder | SegmentedEncoder:

@@ -1,0 +1,172 @@
+"""Bands against whole frames, and against diffusers' tiled decode, on the same latents and weights in one process
+(`vaepipe bench --bands 1,2,4,8`):
+
+    engine              the engine's fast policy on whole frames (bands 1): the reference of the rows below
+    engine B device     the engine in B bands, one window for the clip: each band's caches live while it runs
+    engine B host       the same in windows of a few latent frames, every band's caches in pinned host memory between
+    diffusers B         diffusers' own modules in B bands (what --exact runs in bands) against diffusers' whole decode
+    enable_tiling       diffusers' tiled decode (`vae.enable_tiling()`), against diffusers' whole decode
+
+Each row: the median decode-lane time (frames into a uint8 buffer on the device, as the lanes take them) after a
+warm-up, the peak of `torch.cuda.max_memory_allocated` over the call with the weights and latents included, what the
+bands' memory model predicted, and the frames against the reference: the share of uint8 values equal, the largest
+difference in levels and the PSNR of the float video (diffusers' rows).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from .. import bands as banding
+from ..decode import to_uint8_frames
+from ..engine import Engine
+from ..families import DecodeSettings
+from ..progress import Reporter
+from ..runner import DecodeOptions, band_clip
+from ..vae import LoadedVae
+
+HOST_WINDOW = 4
+"""Latent frames per window of the host-caches rows."""
+
+
+def band_table(vae: LoadedVae, latents: torch.Tensor, counts: list[int], runs: int, reporter: Reporter, *,
+               diffusers: list[int] | None = None) -> list[dict]:
+    """The rows above for normalised `latents` [1, C, T, h, w]; diffusers' rows for band counts `diffusers` (None:
+    `counts`; []: none, nor enable_tiling)."""
+    device = vae.device
+    with torch.inference_mode():
+        z, _ = vae.family.prepare(vae.model, latents, denormalize=True, settings=DecodeSettings())
+        h, w = z.shape[3] * vae.family.spatial_factor(vae.model), z.shape[4] * vae.family.spatial_factor(vae.model)
+        frames = vae.family.num_frames(vae.model, z.shape[2])
+        out = torch.empty((frames, h, w, 3), dtype=torch.uint8, device=device)
+        engine = Engine(vae.model, exact=False)
+        rows = []
+
+        def add(name: str, run: Callable[[], object], want: torch.Tensor | None, plan: banding.Plan | None = None,
+                video: Callable[[], torch.Tensor] | None = None, want_video: torch.Tensor | None = None) -> None:
+            row = {"decoder": name, **_time(run, runs, device)}
+            if plan is not None:
+                row.update(bands=plan.bands, chunk=plan.chunk, window=plan.window, caches=plan.caches,
+                           model_gib=round(plan.need / 2**30, 3))
+            if want is not None:
+                row.update(_frames_against(out, want))
+            if video is not None:
+                row["psnr_db"] = _psnr(video(), want_video)
+            reporter.log(f"bands: {row}")
+            rows.append(row)
+
+        def engine_lane(plan: banding.Plan | None) -> Callable[[], None]:
+            def run() -> None:
+                f = 0
+                for piece in engine.banded(z, plan) if plan else engine.stream(z):
+                    n = piece.shape[2]
+                    piece.write_uint8(out[f : f + n])
+                    f += n
+            return run
+
+        options = DecodeOptions()
+        clip = band_clip(vae, tuple(z.shape), (h, w, 3), options, engine=True)
+        add("engine", engine_lane(None), None)
+        want = out.clone()
+        for count in counts:
+            for caches in ("device", "host"):
+                if count == 1:
+                    continue
+                plan = banding.plan(clip, bands=count, caches=caches, window=HOST_WINDOW if caches == "host" else None,
+                                    chunk=engine.chunk_for(*z.shape[3:]))
+                add(f"engine {count} {caches}", engine_lane(plan), want, plan)
+        del want
+        if diffusers == []:
+            return rows
+        whole = torch.cat(list(_diffusers_pieces(vae, z)), dim=2)
+        to_uint8_frames(whole, out)
+        want = out.clone()
+        clip = band_clip(vae, tuple(z.shape), (h, w, 3), options, engine=False)
+
+        def diffusers_lane(plan: banding.Plan) -> Callable[[], None]:
+            def run() -> None:
+                f = 0
+                for piece in vae.family.banded(vae.model, z, plan):
+                    n = piece.shape[2]
+                    piece.write_uint8(out[f : f + n])
+                    f += n
+            return run
+
+        for count in counts if diffusers is None else diffusers:
+            if count > 1:
+                plan = banding.plan(clip, bands=count)
+                add(f"diffusers {count}", diffusers_lane(plan), want, plan)
+        model = vae.model
+        model.enable_tiling()
+        try:
+            tiled: list[torch.Tensor] = []
+
+            def tiled_lane() -> None:
+                tiled[:] = [model.decode(z).sample]
+                to_uint8_frames(tiled[0], out)
+
+            add("enable_tiling", tiled_lane, want, video=lambda: tiled[0], want_video=whole)
+        finally:
+            model.disable_tiling()
+    return rows
+
+
+def _diffusers_pieces(vae: LoadedVae, z: torch.Tensor):
+    from ..decode import decode_stream
+
+    return decode_stream(vae.model, z)
+
+
+def _frames_against(got: torch.Tensor, want: torch.Tensor) -> dict:
+    diff = (got.int() - want.int()).abs()
+    return {"uint8_equal": round(1 - diff.count_nonzero().item() / diff.numel(), 6),
+            "max_levels": int(diff.max().item())}
+
+
+def _psnr(got: torch.Tensor, want: torch.Tensor) -> float:
+    mse = (got.float() - want.float()).square().mean().item()
+    return round(10 * math.log10(4.0 / mse), 2) if mse else math.inf
+
+
+def _time(call: Callable[[], object], runs: int, device: torch.device) -> dict:
+    def once() -> float:
+        _sync(device)
+        t = time.perf_counter()
+        call()
+        _sync(device)
+        return time.perf_counter() - t
+
+    def peak() -> float | None:
+        return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    first = once()
+    first_peak = peak()  # (cuDNN's tuning of new shapes included)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = [once() for _ in range(runs)]
+    return {"first_call_s": round(first, 4), "median_s": round(statistics.median(times), 4),
+            "peak_gib": peak(), "first_peak_gib": first_peak}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table for docs/benchmarks.md."""
+    lines = ["| decoder | bands | caches | window | median s | first s | peak GiB | model GiB | uint8 equal | "
+             "max levels | PSNR dB |", "|---" * 11 + "|"]
+    for r in rows:
+        lines.append(f"| {r['decoder']} | {r.get('bands', '')} | {r.get('caches', '')} | {r.get('window', '')} | "
+                     f"{r['median_s']} | {r['first_call_s']} | {r['peak_gib']} | {r.get('model_gib', '')} | "
+                     f"{r.get('uint8_equal', '')} | {r.get('max_levels', '')} | {r.get('psnr_db', '')} |")
+    return "\n".join(lines)
