@@ -33,6 +33,7 @@ from typing import Any
 from .encode import CODECS, EncodeOptions, plan_encode
 from .errors import BadInput
 from .latents import SUFFIXES
+from .mux import check_given_tags
 from .runner import DecodeOptions
 
 # Every option a config or the command line can set, with the TOML type it takes. A test pins that these are
@@ -247,6 +248,11 @@ class _Checker:
         except BadInput as e:
             self.problem(f"{where}: {e}")
             return
+        if encode.metadata and not encode.no_metadata and plan.codec != "png":
+            try:
+                check_given_tags(output.suffix.lower(), encode.metadata)
+            except BadInput as e:
+                self.problem(f"{where}: {e}")
         top = CODECS[plan.codec].crf_max
         if top is not None and crf > top:
             origin = "" if crf_from == f"{where}.crf" else f" (set by {crf_from})"

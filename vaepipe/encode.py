@@ -14,13 +14,14 @@ import subprocess
 import tempfile
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from .errors import BadInput, VaepipeError
-from .mux import Mux, check_metadata
+from .ffmpeg import ffmpeg_exe, file_size_limit
+from .mux import Audio, Mux, check_metadata, for_sample, plan_mux
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 # The speed ladders of the other encoders, indexed like X264_PRESETS (slowest last).
@@ -158,7 +159,7 @@ class EncodePlan:
     crf: int
     preset: str
     mux: Mux = Mux()
-    """Soundtrack and tags, planned by mux.plan_mux once the clip's length is known."""
+    """Soundtrack and tags, planned by `with_mux` once the clip's length is known."""
     encoders: int | str = 1
     """Concurrent encoders asked for (N or auto); segments.segment_lengths decides how many are used."""
 
@@ -210,6 +211,20 @@ def plan_encode(dest: str | os.PathLike, *, width: int, height: int, fps: float,
                       encoders=options.encoders)
 
 
+def with_mux(plans: list[EncodePlan], encode: EncodeOptions, *, audio: Audio | None, recorded: dict,
+             frames: int) -> list[EncodePlan]:
+    """`plans` (one per sample of a batch) with their Mux: the soundtrack, cut to `frames` at the plans' fps, and
+    each sample's tags from what its latents recorded and what `encode` gives."""
+    out = []
+    for b, plan in enumerate(plans):
+        seconds = frames / float(f"{plan.fps:g}")  # at the rate ffmpeg is given (encode.py writes it with :g)
+        mux = plan_mux(plan.dest.suffix.lower(), audio=audio, cut_audio=encode.cut_audio, seconds=seconds,
+                       recorded=for_sample(recorded, b, len(plans)),
+                       given=for_sample(encode.metadata or {}, b, len(plans)), no_metadata=encode.no_metadata)
+        out.append(replace(plan, mux=mux))
+    return out
+
+
 def check_frame_size(plan: EncodePlan) -> None:
     """Frames larger than every encoder takes (4096 on a side) are tried on this one first: x264 stops at 16384,
     SVT-AV1's height at 8704, and a hostile latents file should not cost a long decode that ffmpeg then refuses.
@@ -240,16 +255,6 @@ def check_writable(dest: str | os.PathLike) -> None:
     except OSError as e:
         raise BadInput(f"cannot write {str(dest)!r}: the folder {str(existing)!r} is not writable ({e.strerror});"
                        " choose another output folder or change its permissions") from None
-
-
-def ffmpeg_exe() -> str:
-    """The ffmpeg that imageio-ffmpeg resolves (IMAGEIO_FFMPEG_EXE first, then its bundled binary)."""
-    try:
-        import imageio_ffmpeg
-
-        return imageio_ffmpeg.get_ffmpeg_exe()
-    except (ImportError, RuntimeError) as e:
-        raise BadInput(f"no ffmpeg found ({e}): pip install imageio-ffmpeg, or set IMAGEIO_FFMPEG_EXE") from None
 
 
 @functools.cache
@@ -353,6 +358,9 @@ class Encoder:
 
     def _failure(self, what: str) -> VaepipeError:
         self._drain.join(timeout=5)
+        limit = file_size_limit(self._proc.returncode, self.plan.dest)
+        if limit:
+            return limit
         tail = "\n".join(self._stderr)
         return VaepipeError(f"ffmpeg {what} (exit code {self._proc.returncode})" + (f":\n{tail}" if tail else ""))
 

@@ -12,12 +12,12 @@ import torch
 from . import __version__
 from . import engine as engines
 from .decode import decode_stream
-from .encode import EncodeOptions, EncodePlan, Encoder, check_frame_size, check_writable, plan_encode
+from .encode import EncodeOptions, EncodePlan, Encoder, check_frame_size, check_writable, plan_encode, with_mux
 from .errors import BadInput, VaepipeError
 from .families import PRESET_NAMES, DecodeSettings, default_repo, preset_channels
 from .latents import Latents, check_for_vae, read_latents
 from .memory import check_decode_fits
-from .mux import probe_audio, with_mux
+from .mux import probe_audio
 from .pipeline import Buffers, Jitter, LaneStats, Progress, run_lanes
 from .progress import Reporter
 from .segments import SegmentedEncoder, segment_lengths
@@ -166,6 +166,8 @@ class Session:
         check_frame_size(plans[0])
         plans = with_mux(plans, encode, audio=audio, recorded=latents.metadata,
                          frames=vae.family.num_frames(vae.model, latents.tensor.shape[2]))
+        for note in dict.fromkeys(note for plan in plans for note in plan.mux.notes):
+            self.reporter.log(f"warning: {latents.path}: {note}")
         if plans[0].pad_right or plans[0].pad_bottom:
             self.reporter.log(f"frames are {w * scale}x{h * scale}: padding to even sizes for {plans[0].pix_fmt}"
                               " by repeating the last column/row (not rescaled)")
