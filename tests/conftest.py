@@ -119,7 +119,9 @@ def read_metadata(path: Path) -> tuple[dict[str, str], list[tuple[str, dict[str,
 
 def toml_string(text: str) -> str:
     """`text` as a TOML basic string: control characters, DEL, quotes and backslashes escaped."""
-    return '"' + "".join(f"\\u{ord(c):04x}" if ord(c) < 32 or c in '\x7f"\\' else c for c in text) + '"'
+    # A lone surrogate, escaped too, is not a Unicode scalar value: TOML refuses the file, as it should.
+    return '"' + "".join(f"\\u{ord(c):04x}" if ord(c) < 32 or c in '\x7f"\\' or 0xD800 <= ord(c) < 0xE000 else c
+                         for c in text) + '"'
 
 
 def audio_track(path: Path) -> tuple[str, float]:
