@@ -312,6 +312,23 @@ def frame_files(dest: Path) -> list[Path]:
     return sorted(p for p in folder.glob(f"*{dest.suffix}") if pattern.fullmatch(p.name)) if folder.is_dir() else []
 
 
+def check_frames_folder(plan: EncodePlan, frames: int) -> None:
+    """Before any work: a PNG sequence of `frames` goes into a folder where no file named like its frames (an
+    older, longer clip's, someone's 7.png) would stay beside it, since vaepipe deletes no file it did not write."""
+    if not plan.is_sequence:
+        return
+    try:
+        ours = {plan.dest.name % i for i in range(frames)}
+    except (TypeError, ValueError):
+        raise BadInput(f"{plan.dest.name!r} is not a frame pattern: use one %d, such as %05d.png") from None
+    others = [p.name for p in frame_files(plan.dest) if p.name not in ours]
+    if others:
+        raise BadInput(f"{str(plan.dest.parent)!r} already holds {len(others)} file{'s' if len(others) > 1 else ''}"
+                       f" named like {plan.dest.name} that this clip's {frames} frames would not replace"
+                       f" ({', '.join(others[:2])}{', …' if len(others) > 2 else ''}): remove them or choose another"
+                       " folder (vaepipe deletes no file it did not write)")
+
+
 def _temp_home(dest: Path) -> tuple[Path, str]:
     """Where a destination's temporary output goes, and the name it is derived from (a sequence's folder)."""
     if "%" in dest.name:
@@ -419,10 +436,8 @@ class Encoder:
         if not dest.parent.exists():
             os.replace(self._tmp, dest.parent)  # a new folder: one atomic rename
             return
-        # Into an existing folder frame by frame, after removing an older sequence of the same pattern, so a
-        # shorter clip never keeps the old one's last frames.
-        for old in frame_files(dest):
-            old.unlink()
+        # Into an existing folder frame by frame, replacing frames of the same names; `check_frames_folder` made
+        # sure that no other file there is named like a frame (nothing the run did not write is deleted).
         for frame in sorted(self._tmp.iterdir()):
             os.replace(frame, dest.parent / frame.name)
         self._tmp.rmdir()

@@ -12,7 +12,16 @@ import torch
 from . import __version__
 from . import engine as engines
 from .decode import decode_stream
-from .encode import EncodeOptions, EncodePlan, Encoder, check_frame_size, check_writable, plan_encode, with_mux
+from .encode import (
+    EncodeOptions,
+    EncodePlan,
+    Encoder,
+    check_frame_size,
+    check_frames_folder,
+    check_writable,
+    plan_encode,
+    with_mux,
+)
 from .errors import BadInput, VaepipeError
 from .families import PRESET_NAMES, DecodeSettings, default_repo, preset_channels
 from .latents import Latents, check_for_vae, read_latents
@@ -164,8 +173,10 @@ class Session:
         plans = [plan_encode(o, width=w * scale, height=h * scale, fps=fps, options=encode) for o in outputs]
         self._check_fits(vae, plans[0], options, latents)
         check_frame_size(plans[0])
-        plans = with_mux(plans, encode, audio=audio, recorded=latents.metadata,
-                         frames=vae.family.num_frames(vae.model, latents.tensor.shape[2]))
+        frames = vae.family.num_frames(vae.model, latents.tensor.shape[2])
+        for plan in plans:
+            check_frames_folder(plan, frames)
+        plans = with_mux(plans, encode, audio=audio, recorded=latents.metadata, frames=frames)
         for note in dict.fromkeys(note for plan in plans for note in plan.mux.notes):
             self.reporter.log(f"warning: {latents.path}: {note}")
         if plans[0].pad_right or plans[0].pad_bottom:
