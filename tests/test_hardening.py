@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import time
@@ -381,3 +382,64 @@ def test_the_memory_floor_is_below_a_real_decodes_peak_on_the_gpu(tmp_path):
                                   dtype=torch.bfloat16, width=96, latent_numel=16 * 21 * 60 * 104)
     print(f"peak {peak / 2**30:.2f} GiB, floor {(buffer + working) / 2**30:.2f} GiB")
     assert buffer + working < peak
+
+
+# -- files that are not regular files ---------------------------------------------------------------------------
+@pytest.fixture
+def not_a_file(tmp_path):
+    """Make `name` a FIFO, a link to /dev/zero or a folder; fail the test (rather than hang it) if anything blocks
+    reading it for more than a minute."""
+    def make(name: str, kind: str) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "device":
+            path.symlink_to("/dev/zero")
+        else:
+            path.mkdir()
+        return path
+
+    def hung(*_):
+        raise AssertionError("vaepipe blocked reading a file that is not a regular file")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    yield make
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+WORDS = {"fifo": "is a FIFO (named pipe), not a regular file", "device": "is a device, not a regular file",
+         "folder": "is a folder"}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+@pytest.mark.parametrize("what", ["config", "manifest", "latents", "batch latents", "audio", "vae config",
+                                  "vae weights", "vae file"])
+def test_every_file_read_must_be_a_regular_file(tmp_path, latents_file, not_a_file, what, kind):
+    if (what, kind) == ("vae file", "folder"):
+        pytest.skip("a folder is what --vae takes for a diffusers VAE")
+    if what == "config":
+        args = ["batch", not_a_file("jobs.toml", kind)]
+    elif what in ("manifest", "batch latents"):
+        config = batch_folder(tmp_path, '[[jobs]]\nlatents = "lat/a.pt"\noutput = "out/a.mp4"\n'
+                              '[[jobs]]\nlatents = "lat/b.pt"\noutput = "out/b.mp4"\n' if what == "batch latents"
+                              else '[[jobs]]\nlatents = "lat/a.pt"\noutput = "out/a.mp4"\n')
+        if what == "batch latents":
+            not_a_file("lat/b.pt", kind)
+        args = ["batch", config] + (["--manifest", not_a_file("m.jsonl", kind)] if what == "manifest" else [])
+    else:
+        latents = not_a_file("z.pt", kind) if what == "latents" else latents_file
+        args = ["decode", latents, tmp_path / "out.mp4", *TINY]
+        if what == "audio":
+            args += ["--audio", not_a_file("a.wav", kind)]
+        elif what.startswith("vae "):
+            folder = vae_folder(tmp_path / "vae")
+            name = {"vae config": "config.json", "vae weights": "diffusion_pytorch_model.safetensors"}.get(what)
+            if name:
+                (folder / name).unlink()
+                not_a_file(f"vae/{name}", kind)
+            args[4] = str(folder if name else not_a_file("wan.safetensors", kind))
+    message = refused(tmp_path, *args)
+    assert WORDS[kind] in message and "does not exist" not in message, message

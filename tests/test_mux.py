@@ -99,7 +99,7 @@ def test_missing_unreadable_or_silent_audio_is_bad_input(tmp_path, latents_file)
     subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "testsrc=d=1:s=32x32", str(tmp_path / "v.mkv")],
                    check=True)
     assert "holds no audio stream" in _refused(tmp_path, latents_file, "--audio", tmp_path / "v.mkv")
-    assert "is not a file" in _refused(tmp_path, latents_file, "--audio", tmp_path)
+    assert "is a folder, not a regular file" in _refused(tmp_path, latents_file, "--audio", tmp_path)
 
 
 def test_a_png_sequence_takes_no_soundtrack(tmp_path, latents_file, sounds):

@@ -34,6 +34,7 @@ from typing import Any
 
 from .encode import CODECS, EncodeOptions, plan_encode
 from .errors import BadInput
+from .files import not_regular, regular_file
 from .latents import SUFFIXES
 from .mux import check_given_tags
 from .runner import DecodeOptions
@@ -86,11 +87,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None, *,
     `allow_outside` lets jobs write outside the config's folder.
 
     Raises ConfigError listing every problem; nothing is read but the config and the file system's names."""
-    path = Path(path)
+    path = regular_file(path, "config file", "pass a batch config (a .toml file)")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadInput(f"config file {str(path)!r} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise BadInput(f"could not read config {str(path)!r}: {e}") from None
     except tomllib.TOMLDecodeError as e:
@@ -179,8 +178,9 @@ class _Checker:
             values["metadata"] = {k: v for table in tables for k, v in table.items()}
         if "audio" in merged:  # relative to the config (the command line's is absolute already)
             values["audio"] = str(self.resolve(values["audio"]))
-            if not Path(values["audio"]).is_file():
-                self.problem(f"{merged['audio'][1]} {values['audio']!r} does not exist")
+            why = not_regular(Path(values["audio"]))
+            if why:
+                self.problem(f"{merged['audio'][1]} {values['audio']!r} {why}")
         decode = DecodeOptions(**{k: v for k, v in values.items() if k in DECODE_KEYS})
         try:
             encode = EncodeOptions(**{k: v for k, v in values.items() if k in ENCODE_KEYS})
@@ -251,8 +251,9 @@ class _Checker:
         if path.suffix.lower() not in SUFFIXES:
             self.problem(f"{label} {str(path)!r} is not a latents file: use .pt, .safetensors, .npy or .latent")
             return False
-        if not path.is_file():
-            self.problem(f"{label} {str(path)!r} does not exist")
+        why = not_regular(path)
+        if why:
+            self.problem(f"{label} {str(path)!r} {why}")
             return False
         return True
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInput
+from .files import regular_file
 from .memory import gib, host_available
 
 SUFFIXES = (".pt", ".pth", ".safetensors", ".npy", ".latent")
@@ -44,9 +45,7 @@ class Latents:
 
 
 def read_latents(path: str | Path) -> Latents:
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"latents file {str(path)!r} does not exist")
+    path = regular_file(path, "latents file", "pass a .pt, .safetensors, .npy or ComfyUI .latent file")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise BadInput(f"cannot read latents from {str(path)!r}: use a .pt, .safetensors, .npy or ComfyUI .latent"

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .errors import BadInput
 from .ffmpeg import ffmpeg_exe
+from .files import regular_file
 
 # Audio codecs each container takes as they are (stream copy); anything else is encoded: AAC into MP4/MOV, Opus into
 # WebM, FLAC into Matroska. Kept to what common players read, not to all that ffmpeg would mux.
@@ -243,10 +244,7 @@ def storable_tags(suffix: str, recorded: dict, given: dict) -> tuple[tuple[tuple
 
 def probe_audio(path: str | os.PathLike) -> Audio:
     """Check that `path` holds a soundtrack ffmpeg can read; raise BadInput if not."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"audio file {str(path)!r} does not exist" if not path.exists() else
-                       f"audio {str(path)!r} is not a file: pass a sound file (.wav, .mp3, .m4a, .flac, .opus…)")
+    path = regular_file(path, "audio file", "pass a sound file (.wav, .mp3, .m4a, .flac, .opus…)")
     stat = path.stat()
     return _probe(path.resolve(), stat.st_size, stat.st_mtime_ns)
 

@@ -12,6 +12,7 @@ import torch
 
 from . import families
 from .errors import BadInput
+from .files import regular_file
 
 # Random-weight presets of every family (random:<family>, random:<family>-tiny), named so that nobody mistakes them
 # for a trained model; families/ holds their configs.
@@ -79,7 +80,8 @@ def _load(src: str, dtype: torch.dtype, device: torch.device) -> LoadedVae:
     path = Path(src).expanduser()
     if path.is_dir():
         return _ready(_from_folder(path, dtype), str(path), dtype, device)
-    if path.is_file():
+    if path.exists():
+        regular_file(path, "--vae", "pass a checkpoint file (.safetensors, .pth, .pt, .ckpt) or a diffusers folder")
         return _ready(_from_single_file(path, dtype), str(path), dtype, device)
     if src.count("/") == 1 and not src.startswith((".", "/", "~")):
         return _ready(_from_folder(_cached_repo(src), dtype), f"{src} (local Hub cache)", dtype, device)
@@ -108,7 +110,10 @@ def _from_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
 
     for candidate in (folder, folder / "vae"):
         config = candidate / "config.json"
-        if config.is_file():
+        if config.exists():
+            regular_file(config, "the VAE config", "replace it with the model's config.json")
+            for weights in (*candidate.glob("*.safetensors"), *candidate.glob("*.bin")):
+                regular_file(weights, "the VAE weights", "replace it with the model's weights file")
             try:
                 class_name = json.loads(config.read_text())["_class_name"]
             except (ValueError, KeyError):
