@@ -384,6 +384,22 @@ def test_the_memory_floor_is_below_a_real_decodes_peak_on_the_gpu(tmp_path):
     assert buffer + working < peak
 
 
+@pytest.mark.parametrize("change, words", [
+    ({"base_dim": "96"}, "base_dim must be a number (such as 96), got \"96\""),
+    ({"dim_mult": {"a": 1}}, "dim_mult must be a list of numbers"),
+    ({"dim_mult": [1, "2"]}, "dim_mult must be a list of numbers"),
+    ({"temperal_downsample": "yes"}, "temperal_downsample must be a list"),
+    ({"_class_name": 5}, "_class_name must be a class name such as \"AutoencoderKLWan\", got 5"),
+    (None, "must hold a JSON object of the VAE's settings, got a list"),
+])
+def test_a_vae_config_with_wrong_types_names_the_key(tmp_path, latents_file, change, words):
+    folder = vae_folder(tmp_path / "vae")
+    settings = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps([settings] if change is None else {**settings, **change}))
+    message = refused(tmp_path, "decode", latents_file, tmp_path / "out.mp4", "--vae", folder, "--device", "cpu")
+    assert words in message
+
+
 # -- files that are not regular files ---------------------------------------------------------------------------
 @pytest.fixture
 def not_a_file(tmp_path):
