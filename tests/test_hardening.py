@@ -400,6 +400,26 @@ def test_a_vae_config_with_wrong_types_names_the_key(tmp_path, latents_file, cha
     assert words in message
 
 
+@pytest.mark.parametrize("name", ["a" * 246 + ".mp4", "f" * 250 + "/%05d.png"])
+def test_a_250_character_output_name_works(tmp_path, latents_file, name):
+    result = invoke("decode", latents_file, tmp_path / name, *TINY, "-q")
+    assert result.exit_code == 0, result.output
+    written = tmp_path / name.split("/")[0]
+    assert written.exists() and {p.name for p in tmp_path.iterdir()} == {written.name, latents_file.name}
+
+
+def test_an_output_name_longer_than_a_file_name_may_be_is_refused_before_any_work(tmp_path, latents_file,
+                                                                                   no_vae_load):
+    message = refused(tmp_path, "decode", latents_file, tmp_path / ("a" * 252 + ".mp4"), *TINY)
+    assert "is 256 bytes, more than a file name may be (255); choose a shorter name" in message
+
+
+def test_a_png_pattern_whose_folder_is_a_file_is_refused_before_any_work(tmp_path, latents_file, no_vae_load):
+    (tmp_path / "notes.txt").write_text("a file")
+    message = refused(tmp_path, "decode", latents_file, tmp_path / "notes.txt" / "%05d.png", *TINY)
+    assert "notes.txt' is a file, not a folder" in message
+
+
 # -- files that are not regular files ---------------------------------------------------------------------------
 @pytest.fixture
 def not_a_file(tmp_path):

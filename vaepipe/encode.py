@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import glob
 import hashlib
 import os
 import re
@@ -81,6 +82,7 @@ CODECS: dict[str, Codec] = {
     "hevc_nvenc": Codec("hevc_nvenc", ("yuv420p", "yuv420p10le", "yuv444p"), _VIDEO, 51, hardware=True),
     "av1_nvenc": Codec("av1_nvenc", ("yuv420p", "yuv420p10le"), (".mp4", ".mkv", ".webm"), 51, hardware=True),
 }
+_NAME_MAX = 255  # bytes in one file name, on every file system Linux writes videos to (ext4, xfs, btrfs, tmpfs)
 _MUXERS = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".webm": "webm", ".png": "image2"}
 
 
@@ -175,6 +177,10 @@ class EncodePlan:
 def plan_encode(dest: str | os.PathLike, *, width: int, height: int, fps: float, options: EncodeOptions) -> EncodePlan:
     """Resolve codec, pixel format and padding for a destination; raise BadInput for any mismatch."""
     dest = Path(dest)
+    long = [part for part in dest.parts if len(os.fsencode(part)) > _NAME_MAX]
+    if long:  # before the file system is asked anything about it: it answers ENAMETOOLONG
+        raise BadInput(f"cannot write {str(dest)[:60]!r}…: the name {long[0][:40]!r}… is {len(os.fsencode(long[0]))}"
+                       f" bytes, more than a file name may be ({_NAME_MAX}); choose a shorter name")
     if dest.is_dir():
         raise BadInput(f"{str(dest)!r} is a folder: name a file in it, such as {str(dest / 'out.mp4')!r}")
     suffix = dest.suffix.lower()
@@ -244,10 +250,13 @@ def check_writable(dest: str | os.PathLike) -> None:
     """Fail before any work where `dest` cannot be written: its temporary file goes in a folder that must be
     writable, or be creatable in the nearest folder that exists. Tried with a real file, which is what counts (a
     read-only mount, a folder that is a file, permissions that root ignores but a file system does not)."""
-    folder = Path(os.path.abspath(_temp_home(Path(dest))[0]))
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        raise BadInput(f"cannot write {str(dest)!r}: {str(existing)!r} is a file, not a folder; choose another output")
+    # Both the temporary output's folder and the destination's (a PNG pattern's own folder): under a file, the
+    # sequence would be decoded whole and then fail to move into place.
+    for folder in (Path(os.path.abspath(Path(dest).parent)), Path(os.path.abspath(_temp_home(Path(dest))[0]))):
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir():
+            raise BadInput(f"cannot write {str(dest)!r}: {str(existing)!r} is a file, not a folder; choose another"
+                           " output")
     try:
         fd, probe = tempfile.mkstemp(prefix=".vaepipe-probe-", dir=existing)
         os.close(fd)
@@ -330,10 +339,14 @@ def check_frames_folder(plan: EncodePlan, frames: int) -> None:
 
 
 def _temp_home(dest: Path) -> tuple[Path, str]:
-    """Where a destination's temporary output goes, and the name it is derived from (a sequence's folder)."""
-    if "%" in dest.name:
-        return dest.parent.parent, dest.parent.name or "frames"
-    return dest.parent, dest.name
+    """Where a destination's temporary output goes, and the name it is derived from (a sequence's folder): the
+    destination's own, or, where that with what vaepipe adds (`.NAME.vaepipe-PID-ID.tags.part`) would pass the
+    file system's limit on a name (255 bytes), its start and a hash of the whole."""
+    folder, name = (dest.parent.parent, dest.parent.name or "frames") if "%" in dest.name else (dest.parent, dest.name)
+    raw = os.fsencode(name)
+    if len(raw) > _NAME_MAX - 64:
+        name = os.fsdecode(raw[:100]) + "~" + hashlib.sha256(raw).hexdigest()[:16]
+    return folder, name
 
 
 class Encoder:
@@ -451,7 +464,7 @@ class Encoder:
 def _remove_stale_parts(dest: Path) -> None:
     """A killed run (SIGKILL, power loss) can leave its hidden temporary output; remove those of dead processes."""
     folder, name = _temp_home(dest)
-    for part in folder.glob(f".{name}.vaepipe-*.part"):
+    for part in folder.glob(f".{glob.escape(name)}.vaepipe-*.part"):
         pid = part.name.removeprefix(f".{name}.vaepipe-").split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(part, ignore_errors=True) if part.is_dir() else part.unlink(missing_ok=True)
