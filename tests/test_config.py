@@ -108,7 +108,7 @@ sync = 1
     ('[[jobs]]\nlatents = "lat/a.pt"\noutput = "a.mp4"\ndevice = "tpu"', "jobs[0].device must be cpu, cuda or"),
     ('[[jobs]]\nlatents = "lat/a.pt"\noutput = "a.mp4"\ncodec = "mpeg2"', "jobs[0].codec must be one of h264"),
     ('[[jobs]]\nlatents = "lat/a.pt"\noutput = "a.mp4"\npix_fmt = "nv12"', "jobs[0].pix_fmt must be one of"),
-    ('[[jobs]]\nlatents = "lat/a.pt"\noutput = "a.mp4"\nfps = 0', "jobs[0].fps must be in (0, 1000], got 0"),
+    ('[[jobs]]\nlatents = "lat/a.pt"\noutput = "a.mp4"\nfps = 0', "jobs[0].fps must be in 0.1..1000"),
     ('[[jobs]]\nlatents = "lat/a.pt"\noutput = "a.mp4"\nbuffers = 1', "jobs[0].buffers must be in 2..8, got 1"),
     ('[[jobs]]\nlatents = "lat/a.pt"\noutput = "a.mp4"\ncrf = 64',
      "jobs[0].crf must be in 0..51 for h264, h265, h264_nvenc, hevc_nvenc, av1_nvenc; 0..63 for av1, vp9, got 64"),

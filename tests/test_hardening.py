@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import signal
 import subprocess
 import time
@@ -418,6 +419,29 @@ def test_a_png_pattern_whose_folder_is_a_file_is_refused_before_any_work(tmp_pat
     (tmp_path / "notes.txt").write_text("a file")
     message = refused(tmp_path, "decode", latents_file, tmp_path / "notes.txt" / "%05d.png", *TINY)
     assert "notes.txt' is a file, not a folder" in message
+
+
+@pytest.mark.parametrize("suffix", [".mp3", ".aac", ".flac", ".ac3"])
+def test_random_bytes_under_an_audio_extension_are_refused_before_any_work(tmp_path, latents_file, no_vae_load,
+                                                                           suffix):
+    # ffmpeg names a raw stream after the extension and finds frame headers in random bytes: it lists an audio
+    # stream, and only decoding shows there is none.
+    noise = tmp_path / f"noise{suffix}"
+    noise.write_bytes(random.Random(suffix).randbytes(1_000_000))
+    message = refused(tmp_path, "decode", latents_file, tmp_path / "out.mp4", *TINY, "--audio", noise)
+    assert "is not decodable audio" in message
+
+
+@pytest.mark.parametrize("fps", ["1e-9", "0.01"])
+def test_a_frame_rate_no_container_stores_is_refused_before_any_work(tmp_path, latents_file, no_vae_load, fps):
+    message = refused(tmp_path, "decode", latents_file, tmp_path / "out.mov", *TINY, "--fps", fps)
+    assert "fps must be in 0.1..1000 (frame rates video containers store)" in message
+
+
+def test_the_slowest_frame_rate_taken_is_stored_by_every_container(tmp_path, latents_file):
+    for container in ("mp4", "mov", "mkv", "webm"):
+        result = invoke("decode", latents_file, tmp_path / f"out.{container}", *TINY, "-q", "--fps", "0.1")
+        assert result.exit_code == 0, result.output
 
 
 # -- files that are not regular files ---------------------------------------------------------------------------

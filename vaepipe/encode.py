@@ -31,6 +31,7 @@ _VP9_CPU_USED = (8, 7, 6, 5, 4, 3, 2, 1, 0)
 _NVENC = ("p1", "p1", "p2", "p3", "p4", "p5", "p6", "p7", "p7")
 _X264_LOOKAHEAD = (0, 0, 10, 20, 30, 40, 50, 60, 60)  # x264's own rc-lookahead per preset
 
+MIN_FPS = 0.1
 PIX_FMTS = ("yuv420p", "yuv420p10le", "yuv444p", "yuv422p10le", "yuv444p10le", "rgb24")
 _CHROMA_420 = {"yuv420p", "yuv420p10le"}
 _CHROMA_422 = {"yuv422p10le"}
@@ -128,8 +129,9 @@ class EncodeOptions:
                     ranges.setdefault(spec.crf_max, []).append(name)
             allowed = "; ".join(f"0..{top} for {', '.join(names)}" for top, names in ranges.items())
             raise BadInput(f"crf must be in {allowed}, got {self.crf}")
-        if self.fps is not None and not 0 < self.fps <= 1000:
-            raise BadInput(f"fps must be in (0, 1000], got {self.fps}")
+        # Below 0.1 fps, MP4 and MOV cannot store a clip's frame times (ffmpeg fails when the file is written).
+        if self.fps is not None and not MIN_FPS <= self.fps <= 1000:
+            raise BadInput(f"fps must be in {MIN_FPS:g}..1000 (frame rates video containers store), got {self.fps}")
         if self.audio is not None:
             self.audio = os.fspath(self.audio)
             if not self.audio:

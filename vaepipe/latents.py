@@ -102,16 +102,16 @@ def _named(e: pickle.UnpicklingError) -> str:
 
 
 def _stored_fps(value, path: Path) -> tuple[float | None, str | None]:
-    """The stored fps as a number in (0, 1000], or None with the reason (a bad one only matters without --fps)."""
+    """The stored fps as a number in 0.1..1000, or None with the reason (a bad one only matters without --fps)."""
     if value is None:
         return None, None
     try:
         fps = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     except (ValueError, OverflowError):
         fps = None
-    if fps is not None and 0 < fps <= 1000:  # also false for NaN
+    if fps is not None and 0.1 <= fps <= 1000:  # also false for NaN; the range EncodeOptions takes
         return fps, None
-    return None, (f"{str(path)!r}: the stored fps must be a number in (0, 1000], got {value!r:.40}; pass --fps to"
+    return None, (f"{str(path)!r}: the stored fps must be a number in 0.1..1000, got {value!r:.40}; pass --fps to"
                   " override it")
 
 

@@ -259,6 +259,7 @@ def _probe(path: Path, size: int, mtime_ns: int) -> Audio:  # size and mtime: a 
     # Without an output, ffmpeg describes the input and exits 1; the stream lines say what is there.
     streams = re.findall(r"Stream #\d+:\d+.*?: Audio: ([A-Za-z0-9_]+)", run.stderr)
     if streams:
+        _check_decodes(path)
         return Audio(path=path, codec=streams[0])
     lines = [line.strip() for line in run.stderr.splitlines() if line.strip()]
     if any(": Video: " in line for line in lines):
@@ -266,3 +267,20 @@ def _probe(path: Path, size: int, mtime_ns: int) -> Audio:  # size and mtime: a 
     why = next((line for line in lines if str(path) in line or "Invalid data" in line), lines[-1] if lines else "")
     raise BadInput(f"could not read audio from {str(path)!r} ({why.split(': ')[-1] or 'ffmpeg found no streams'}):"
                    " pass a sound file ffmpeg reads (.wav, .mp3, .m4a, .flac, .opus…)")
+
+
+def _check_decodes(path: Path) -> None:
+    """Decode the soundtrack's first seconds: ffmpeg names a raw stream (.mp3, .aac, .flac) after the extension and
+    finds frame headers in random bytes, which only decoding tells apart from sound; without this, they fail the
+    mux after the whole decode."""
+    try:
+        run = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0",
+                              "-t", "5", "-f", "null", "-"], capture_output=True, text=True, errors="replace",
+                             timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise BadInput(f"could not read audio {str(path)!r}: {e}") from None
+    errors = [line.strip() for line in run.stderr.splitlines() if line.strip()]
+    if run.returncode != 0 or errors:
+        why = re.sub(r"\[[^\]]* @ 0x[0-9a-f]+\]\s*", "", errors[0]) if errors else f"exit code {run.returncode}"
+        raise BadInput(f"{str(path)!r} is not decodable audio ({why[:100]}): pass a sound file ffmpeg plays (.wav,"
+                       " .mp3, .m4a, .flac, .opus…)")
