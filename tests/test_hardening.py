@@ -7,8 +7,10 @@ import importlib.util
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -442,6 +444,41 @@ def test_the_slowest_frame_rate_taken_is_stored_by_every_container(tmp_path, lat
     for container in ("mp4", "mov", "mkv", "webm"):
         result = invoke("decode", latents_file, tmp_path / f"out.{container}", *TINY, "-q", "--fps", "0.1")
         assert result.exit_code == 0, result.output
+
+
+class Payload:
+    """Unpickling this would make a folder: loading must refuse it without running it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".ckpt"])
+def test_a_checkpoint_holding_code_is_refused_in_one_sentence(tmp_path, latents_file, suffix):
+    marker = tmp_path / "ran"
+    torch.save({"decoder.conv2.weight": torch.zeros(16, 16, 1, 1, 1), "hook": Payload(str(marker))},
+               tmp_path / f"wan{suffix}")
+    message = refused(tmp_path, "decode", latents_file, tmp_path / "out.mp4", "--vae", tmp_path / f"wan{suffix}",
+                      "--device", "cpu")
+    assert "refused to load" in message and "holds Python objects other than tensors" in message
+    assert "could run code; use the checkpoint as .safetensors" in message
+    assert "weights_only" not in message and message.count(". ") <= 1 and not marker.exists()
+
+
+def test_the_file_size_limit_is_named_as_such(tmp_path):
+    write_latents(tmp_path / "lat.pt", (16, 5, 20, 20))  # 160x160, 17 frames of noise: about 1 MB of FFV1
+    limit = 100_000
+    run = subprocess.run([sys.executable, "-m", "vaepipe", "decode", str(tmp_path / "lat.pt"), str(tmp_path / "o.mkv"),
+                          *TINY, "--codec", "ffv1", "-q"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    message = " ".join(run.stderr.split())
+    assert "the file-size limit (0.0954 MiB) was reached while writing" in message and "ulimit -f" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lat.pt"]
 
 
 # -- files that are not regular files ---------------------------------------------------------------------------

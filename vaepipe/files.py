@@ -3,6 +3,8 @@ folder is not what was meant; each is refused at once, in its own words."""
 
 from __future__ import annotations
 
+import pickle
+import re
 import stat
 from pathlib import Path
 
@@ -24,6 +26,15 @@ def not_regular(path: Path) -> str | None:
             else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
             else "something other than a file")
     return f"is {kind}, not a regular file"
+
+
+def refused_pickle(path: Path, error: pickle.UnpicklingError, fix: str) -> BadInput:
+    """One sentence for a file that torch's restricted unpickler refused, naming the object it holds (torch's own
+    message is long, coloured, and advises `weights_only=False`, which would run that code)."""
+    found = re.search(r"GLOBAL (\S+)", str(error))
+    named = f" ({found.group(1).rstrip('.')})" if found else ""
+    return BadInput(f"refused to load {str(path)!r}: it holds Python objects other than tensors{named}, and loading"
+                    f" them could run code; {fix}")
 
 
 def regular_file(path: str | Path, what: str, fix: str) -> Path:

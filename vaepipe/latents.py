@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInput
-from .files import regular_file
+from .files import refused_pickle, regular_file
 from .memory import gib, host_available
 
 SUFFIXES = (".pt", ".pth", ".safetensors", ".npy", ".latent")
@@ -62,9 +62,7 @@ def read_latents(path: str | Path) -> Latents:
             tensor = _from_numpy(path)
         tensor = _checked(tensor, path)
     except pickle.UnpicklingError as e:
-        raise BadInput(f"refused to load {str(path)!r}: it holds Python objects other than tensors{_named(e)}, and"
-                       " loading them could run code; save plain tensors (a tensor, or a dict of tensors and"
-                       " numbers)") from None
+        raise refused_pickle(path, e, "save plain tensors (a tensor, or a dict of tensors and numbers)") from None
     except BadInput:
         raise
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, MemoryError) as e:
@@ -93,12 +91,6 @@ def from_tensor(tensor, *, name: str = "latents") -> Latents:
 def _first_line(e: BaseException) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours some of its messages
     return text.splitlines()[0] if text else type(e).__name__
-
-
-def _named(e: pickle.UnpicklingError) -> str:
-    """The Python object a refused pickle names (torch's message is long, coloured and about other things)."""
-    found = re.search(r"GLOBAL (\S+)", str(e))
-    return f" ({found.group(1).rstrip('.')})" if found else ""
 
 
 def _stored_fps(value, path: Path) -> tuple[float | None, str | None]:

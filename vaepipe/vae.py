@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +14,12 @@ import torch
 
 from . import families
 from .errors import BadInput
-from .files import regular_file
+from .files import refused_pickle, regular_file
 
 # Random-weight presets of every family (random:<family>, random:<family>-tiny), named so that nobody mistakes them
 # for a trained model; families/ holds their configs.
 PRESETS = families.PRESETS
+_CHECKPOINT_FIX = "use the checkpoint as .safetensors, or one whose file holds tensors only"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -189,6 +191,8 @@ def _from_single_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
         _check_single_file(path, tmp)
         try:
             model = AutoencoderKLWan.from_single_file(str(path), config=tmp, torch_dtype=dtype, local_files_only=True)
+        except pickle.UnpicklingError as e:
+            raise refused_pickle(path, e, _CHECKPOINT_FIX) from None
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             raise BadInput(f"could not load {path} as a Wan VAE checkpoint: {_first_line(e)}") from None
     check_weights(model, str(path))
@@ -219,6 +223,8 @@ def _check_single_file(path: Path, config_dir: str) -> None:
         if found.keys() != expected.keys():  # not diffusers' names: map them as from_single_file would
             convert = SINGLE_FILE_LOADABLE_CLASSES["AutoencoderKLWan"]["checkpoint_mapping_fn"]
             found = convert(config=dict(model.config), checkpoint=found)
+    except pickle.UnpicklingError as e:
+        raise refused_pickle(path, e, _CHECKPOINT_FIX) from None
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same user error
         raise BadInput(f"could not read {path} as a checkpoint: {_first_line(e)}") from None
     shared = expected.keys() & found.keys()
@@ -283,6 +289,8 @@ def _checkpoint_z_dim(path: Path) -> int:
             for name, tensor in state.items():
                 if name.endswith(keys) and _is_post_quant(list(tensor.shape)):
                     return int(tensor.shape[0])
+    except pickle.UnpicklingError as e:
+        raise refused_pickle(path, e, _CHECKPOINT_FIX) from None
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same user error
         raise BadInput(f"could not read {path} as a checkpoint: {e}") from None
     raise BadInput(f"{path} does not look like a Wan VAE checkpoint (no post-quant conv found): pass a diffusers"
