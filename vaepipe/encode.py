@@ -113,6 +113,10 @@ class EncodeOptions:
     """Concurrent encoders for one output (segment-parallel encoding, see segments.py): N, or auto."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.crf, int) or isinstance(self.crf, bool):
+            raise BadInput(f"crf must be an integer, got {self.crf!r}")
+        if self.fps is not None and (not isinstance(self.fps, int | float) or isinstance(self.fps, bool)):
+            raise BadInput(f"fps must be a number, got {self.fps!r}")
         if self.codec is not None and self.codec not in CODECS:
             raise BadInput(f"codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
         if self.preset not in X264_PRESETS:

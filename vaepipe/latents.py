@@ -84,6 +84,11 @@ def from_tensor(tensor, *, name: str = "latents") -> Latents:
         what = type(tensor).__name__
         raise BadInput(f"latents must be a torch.Tensor [B, C, T, H, W], got a {what}: call the pipeline with"
                        ' output_type="latent" and pass its .frames')
+    if tensor.device.type == "meta":
+        raise BadInput("latents are on the meta device, which holds shapes but no values: pass the tensor the"
+                       " pipeline returned, on the CPU or a GPU")
+    if tensor.layout != torch.strided:
+        raise BadInput(f"latents must be a dense tensor, got a {tensor.layout} one: pass tensor.to_dense()")
     _check_form(name, tensor.shape, tensor.dtype)  # already in memory: nothing of their size to read
     return Latents(tensor=_checked(tensor.detach(), Path(name)), fps=None, path=Path(name))
 

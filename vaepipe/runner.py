@@ -67,6 +67,10 @@ class DecodeOptions:
     """Their decode_noise_scale; None: the latents file's, else the decode timestep (the pipelines' defaults)."""
 
     def __post_init__(self) -> None:
+        for name in ("chunk", "buffers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise BadInput(f"{name} must be an integer, got {value!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise BadInput(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.exact and self.fast:
