@@ -44,13 +44,14 @@ lint: install ## ruff on the package and the tests
 bench: install ## Benchmark naive vs sync vs pipelined (GPU: full size; CPU: tiny) into bench/
 	$(if $(HAS_GPU),$(BIN)/vaepipe bench --trace --plot --out bench,$(BIN)/vaepipe bench --device cpu --vae random:wan2.1-tiny --shape 48x80x17 --runs 3 --out bench)
 
+# The example configs in configs/ write to ../demo, outside their folder: they alone get --allow-outside.
 batch: install ## Run a batch config: make batch CONFIG=path (default: the demo config, which makes its inputs)
 ifeq ($(CONFIG),configs/demo-cpu.toml)
 	for i in 0 1 2 3; do [ -f demo/batch/latents/clip$$i.pt ] || \
 	  $(BIN)/vaepipe make-latents demo/batch/latents/clip$$i.pt --size 48x80x17 --seed $$i; done
 	[ -f demo/batch/hero.pt ] || $(BIN)/vaepipe make-latents demo/batch/hero.pt --size 64x96x17 --seed 9
 endif
-	$(BIN)/vaepipe batch $(CONFIG)
+	$(BIN)/vaepipe batch $(CONFIG)$(if $(filter configs/%,$(CONFIG)), --allow-outside)
 
 clean: ## Remove the virtual environment, demo and bench outputs, caches
 	rm -rf $(VENV) demo bench .pytest_cache .ruff_cache *.egg-info

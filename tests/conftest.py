@@ -85,25 +85,43 @@ def latents_file(tmp_path) -> Path:
 
 def read_tags(path: Path) -> dict[str, str]:
     """The container's global tags as ffmpeg reads them back (names lower-cased: Matroska stores COMMENT)."""
+    return read_metadata(path)[0]
+
+
+def read_metadata(path: Path) -> tuple[dict[str, str], list[tuple[str, dict[str, str]]]]:
+    """Everything ffmpeg reads back as metadata: the global tags, then each section ([STREAM], [CHAPTER]) with its
+    own, parsed from ffmpeg's own ffmetadata output (which escapes = ; # \\ and line ends with a backslash)."""
     text = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"], capture_output=True,
                           check=True).stdout.decode()
-    # ffmetadata escapes = ; # \ and newlines with a backslash; a line ending in one goes on.
-    tags, key, value, escaped = {}, None, [], False
-    for ch in text.split("\n", 1)[1]:
+    tags: dict[str, str] = {}
+    sections: list[tuple[str, dict[str, str]]] = []
+    line, key, escaped, plain = [], None, False, ""  # plain: the line's unescaped characters, for section headers
+    for ch in text.split("\n", 1)[1] + "\n":
         if escaped:
-            value.append(ch)
+            line.append(ch)
             escaped = False
         elif ch == "\\":
             escaped = True
         elif ch == "=" and key is None:
-            key, value = "".join(value), []
+            key, line = "".join(line), []
         elif ch == "\n":
             if key is not None:
-                tags[key.lower()] = "".join(value)
-            key, value = None, []
+                (sections[-1][1] if sections else tags)[key.lower()] = "".join(line)
+            elif plain.startswith("[") and plain.endswith("]"):
+                sections.append((plain[1:-1], {}))
+            line, key, plain = [], None, ""
+            continue
         else:
-            value.append(ch)
-    return tags
+            line.append(ch)
+        plain += ch if not escaped and ch != "\\" else ""
+    return tags, sections
+
+
+def toml_string(text: str) -> str:
+    """`text` as a TOML basic string: control characters, DEL, quotes and backslashes escaped."""
+    # A lone surrogate, escaped too, is not a Unicode scalar value: TOML refuses the file, as it should.
+    return '"' + "".join(f"\\u{ord(c):04x}" if ord(c) < 32 or c in '\x7f"\\' or 0xD800 <= ord(c) < 0xE000 else c
+                         for c in text) + '"'
 
 
 def audio_track(path: Path) -> tuple[str, float]:

@@ -1,8 +1,10 @@
 """Fuzz worker for test_fuzz.py: random and mutated latents files (.pt, .safetensors, .npy: headers, shapes,
-strides, dtypes, metadata) and batch configs, each run through the CLI in this one process, under an address-space
-limit of HEADROOM GiB beyond what the imports took; one JSON line per case on stdout, for test_fuzz.py to judge.
+strides, dtypes, metadata) and batch configs, each run through the CLI in this one process, then random tag values
+(bytes, control characters, ffmetadata's syntax) through the four ways tags come in (--metadata, a latents file's
+prompt, a batch config, the Python API), read back with ffmpeg; all under an address-space limit of HEADROOM GiB
+beyond what the imports took; one JSON line per case on stdout, for test_fuzz.py to judge.
 
-    python tests/fuzz.py SEED CASES FOLDER HEADROOM
+    python tests/fuzz.py SEED CASES FOLDER HEADROOM [TAG_CASES]
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from numpy.lib import format as npy
 from safetensors.torch import save as save_safetensors
 from typer.testing import CliRunner
 
+import vaepipe
 from vaepipe.cli import app
 
-from conftest import ffmpeg_processes_under
+from conftest import ffmpeg_processes_under, read_metadata, tiny_vae, toml_string
 
 HUGE = (10**4, 10**5, 10**6, 2**31, 2**40)
 FLOATS = (torch.float32, torch.float32, torch.float32, torch.float16, torch.bfloat16)
@@ -255,6 +258,73 @@ def batch_case(rng: random.Random, folder: Path) -> tuple[list[str], list[Path]]
     return args, [folder / "out", manifest, folder / "m", *folder.glob("batch.manifest.*")]
 
 
+# -- tags ---------------------------------------------------------------------------------------------------------
+TAG_PIECES = ("\r", "\n", "\r\n", "\\", "=", ";", "#", "[CHAPTER]", "\t", "\x1b[31m", "\x7f", "\x85", "\u2028",
+              "\ufeff", "é", "\U0001f98a", " ", "title=evil", "\0")
+
+
+def tag_value(rng: random.Random) -> str:
+    """Random bytes read as the command line reads them (UTF-8, else lone surrogates), control characters and
+    pieces of ffmetadata's syntax; sometimes a NUL, often a trailing backslash."""
+    parts = []
+    for _ in range(rng.randint(1, 6)):
+        roll = rng.random()
+        if roll < 0.3:  # as Latin-1 (C1 controls and all), or as UTF-8 where invalid bytes are lone surrogates
+            data = bytes(rng.randrange(256) for _ in range(rng.randint(1, 12)))
+            parts.append(data.decode("latin-1") if rng.random() < 0.8 else data.decode("utf-8", "surrogateescape"))
+        elif roll < 0.5:
+            parts.append("".join(chr(rng.choice((*range(1, 32), 127))) for _ in range(rng.randint(1, 4))))
+        elif roll < 0.55:
+            parts.append("\0")
+        else:
+            parts.append(rng.choice(TAG_PIECES[:-1]) + "ab")
+    text = "".join(parts).replace("\0", "") if rng.random() < 0.7 else "".join(parts)
+    return text + ("\\" if rng.random() < 0.4 else "")
+
+
+def tags_case(rng: random.Random, folder: Path) -> dict:
+    """One tag case: a random title and artist through one route into one container; what came back."""
+    route = rng.choice(("cli", "latents", "batch", "api"))
+    out = folder / f"out.{rng.choice(('mp4', 'mkv', 'mov', 'webm'))}"
+    sent = {"title": tag_value(rng), "artist": tag_value(rng)}
+    z = torch.randn(16, 2, 2, 3)
+    result, refused, crash = None, None, None
+    if route == "latents":  # the prompt is the title
+        torch.save({"latents": z, "prompt": sent["title"], "artist": sent["artist"]}, folder / "lat.pt")
+    else:
+        torch.save(z, folder / "lat.pt")
+    args = ["decode", str(folder / "lat.pt"), str(out), "--vae", "random:wan2.1-tiny", "--device", "cpu",
+            "--preset", "ultrafast"]
+    if route == "cli":
+        result = CliRunner().invoke(app, [*args, *(a for k, v in sent.items() for a in ("--metadata", f"{k}={v}"))])
+    elif route == "latents":
+        result = CliRunner().invoke(app, args)
+    elif route == "batch":
+        table = ", ".join(f"{k} = {toml_string(v)}" for k, v in sent.items())
+        (folder / "jobs.toml").write_text(f'[defaults]\nvae = "random:wan2.1-tiny"\ndevice = "cpu"\n[[jobs]]\n'
+                                          f'latents = "lat.pt"\noutput = "{out.name}"\nmetadata = {{ {table} }}\n')
+        result = CliRunner().invoke(app, ["batch", str(folder / "jobs.toml"), "--json"])
+    else:
+        try:
+            vaepipe.export_video(z, out, vae=tiny_vae(), metadata=sent, preset="ultrafast")
+        except vaepipe.BadInput as e:
+            refused = str(e)
+        except Exception as e:  # noqa: BLE001 - reported for the test to judge
+            crash = e
+    if result is not None:
+        crash = result.exception if not isinstance(result.exception, SystemExit) else None
+    code = result.exit_code if result is not None else (1 if crash else 2 if refused else 0)
+    read = read_metadata(out) if code == 0 and out.exists() else None
+    return {"route": route, "container": out.suffix, "sent": sent, "code": code,
+            "exception": repr(crash) if crash else None,
+            "traceback": crash is not None or (result is not None and "Traceback" in result.output),
+            "read": {k: read[0].get(k) for k in sent} if read else None,
+            "sections": [name for name, _ in read[1] if name != "STREAM"] if read else None,
+            "warned": result is not None and "warning:" in result.output,
+            "output": (result.output if result is not None else refused or "")[-400:],
+            "files": sorted(p.name for p in folder.iterdir() if p.name not in ("lat.pt", "jobs.toml"))}
+
+
 def snapshot(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): (p.stat().st_size if p.is_file() else -1) for p in folder.rglob("*")}
 
@@ -296,9 +366,19 @@ def limit_address_space(headroom: int) -> int:
     return size + headroom
 
 
+def main_tags(seed: int, cases: int, root: Path) -> None:
+    rng = random.Random(f"tags{seed}")
+    for i in range(cases):
+        folder = root / f"tags{i:03d}"
+        folder.mkdir(parents=True)
+        print(json.dumps({"case": i, "kind": "tags_case", **tags_case(rng, folder),
+                          "ffmpeg": ffmpeg_processes_under(folder)}), flush=True)
+
+
 if __name__ == "__main__":
     limit = limit_address_space(int(float(sys.argv[4]) * 2**30))
     print(f"address-space limit {limit / 2**30:.2f} GiB", file=sys.stderr)
     main(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
+    main_tags(int(sys.argv[1]), int(sys.argv[5]) if len(sys.argv) > 5 else 0, Path(sys.argv[3]))
     peak = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmPeak"))
     print(peak, file=sys.stderr)

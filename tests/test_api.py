@@ -178,12 +178,30 @@ def test_an_offloaded_vae_is_brought_in_by_its_hook_before_decoding(tmp_path):
     (torch.randn(16, 2, 3, 3), {"audio": "missing.wav"}, "audio file 'missing.wav' does not exist"),
     (torch.randn(16, 2, 3, 3), {"metadata": {"bad key": "x"}}, "is not a tag name"),
     (torch.randn(16, 2, 3, 3), {"metadata": {"title": "x"}, "no_metadata": True}, "drop one"),
+    (torch.randn(48, 2, 3, 3), {}, "pass the matching vae= (or pipe=)"),
+    (torch.randn(16, 2, 3, 3, device="meta"), {}, "latents are on the meta device"),
+    (torch.randn(16, 2, 3, 3).to_sparse(), {}, "must be a dense tensor, got a torch.sparse_coo one"),
+    (torch.randn(16, 2, 3, 3), {"output": b"out.mp4"}, "output must be a path as str or pathlib.Path, got bytes"),
+    (torch.randn(16, 2, 3, 3), {"crf": "18"}, "crf must be an integer, got '18'"),
+    (torch.randn(16, 2, 3, 3), {"fps": "24"}, "fps must be a number, got '24'"),
+    (torch.randn(16, 2, 3, 3), {"chunk": 1.5}, "chunk must be an integer, got 1.5"),
+    (torch.randn(16, 2, 3, 3), {"output": "o.webm", "codec": "h264"}, "or another codec="),
 ])
-def test_bad_input_raises_badinput_with_the_clis_message_and_writes_nothing(tmp_path, latents, options, words):
+def test_bad_input_raises_badinput_in_pythons_words_and_writes_nothing(tmp_path, latents, options, words):
+    """The CLI's checks and sentences, naming the API's arguments (vae=, pad=False), never the CLI's (--vae)."""
+    where = options.pop("output", "out.mp4")
     with pytest.raises(vaepipe.BadInput) as caught:
-        vaepipe.export_video(latents, tmp_path / "out.mp4", vae=tiny_vae(), **options)
-    assert words in str(caught.value)
+        vaepipe.export_video(latents, tmp_path / where if isinstance(where, str) else where, vae=tiny_vae(), **options)
+    assert words in str(caught.value) and "--" not in str(caught.value)
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_options_in_messages_become_the_apis_arguments():
+    from vaepipe.api import python_words
+
+    assert python_words("drop --no-pad to pad, or use --pix-fmt yuv444p; pass the matching --vae") == (
+        "drop pad=False to pad, or use pix_fmt= yuv444p; pass the matching vae= (or pipe=)")
+    assert python_words("cannot write '/tmp/a--b/x.mp4'") == "cannot write '/tmp/a--b/x.mp4'"
 
 
 def test_the_vae_or_the_pipe_one_of_the_two():

@@ -152,16 +152,24 @@ def test_version_and_short_help():
     assert result.exit_code == 0 and "--buffers" in result.output
 
 
-def test_a_shorter_png_sequence_replaces_the_older_one_and_nothing_else(tmp_path, latents_file):
+def test_a_png_pattern_never_deletes_files_the_run_did_not_write(tmp_path, latents_file):
     frames = tmp_path / "frames"
     frames.mkdir()
     (frames / "cover.png").write_bytes(b"not ours")
     args = ["--vae", "random:wan2.1-tiny", "--device", "cpu", "-q"]
     assert decode(latents_file, frames / "%05d.png", *args).exit_code == 0  # 9 frames
-    torch.save(torch.randn(16, 2, 3, 5), tmp_path / "short.pt")
-    assert decode(tmp_path / "short.pt", frames / "%05d.png", *args).exit_code == 0  # 5 frames
-    assert sorted(p.name for p in frames.iterdir()) == ["00000.png", "00001.png", "00002.png", "00003.png",
-                                                        "00004.png", "cover.png"]
+    assert decode(latents_file, frames / "%05d.png", *args).exit_code == 0  # the same names: replaced
+    nine = sorted(p.name for p in frames.iterdir())
+    assert nine == [f"{i:05d}.png" for i in range(9)] + ["cover.png"]
+    torch.save(torch.randn(16, 2, 3, 5), tmp_path / "short.pt")  # 5 frames: 00005..00008 would stay beside them
+    result = decode(tmp_path / "short.pt", frames / "%05d.png", *args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "holds 4 files named like %05d.png that this clip's 5 frames would not replace" in " ".join(
+        result.output.split())
+    (frames / "7.png").write_bytes(b"someone's photo")  # matches %d.png, which would write 0.png … 8.png
+    assert decode(latents_file, frames / "%d.png", *args).exit_code == 2
+    assert sorted(p.name for p in frames.iterdir()) == sorted([*nine, "7.png"])
+    assert (frames / "7.png").read_bytes() == b"someone's photo"
 
 
 def test_info_probes_encoders_with_a_real_encode():

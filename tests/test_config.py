@@ -108,7 +108,7 @@ sync = 1
     ('[[jobs]]\nlatents = "lat/a.pt"\noutput = "a.mp4"\ndevice = "tpu"', "jobs[0].device must be cpu, cuda or"),
     ('[[jobs]]\nlatents = "lat/a.pt"\noutput = "a.mp4"\ncodec = "mpeg2"', "jobs[0].codec must be one of h264"),
     ('[[jobs]]\nlatents = "lat/a.pt"\noutput = "a.mp4"\npix_fmt = "nv12"', "jobs[0].pix_fmt must be one of"),
-    ('[[jobs]]\nlatents = "lat/a.pt"\noutput = "a.mp4"\nfps = 0', "jobs[0].fps must be in (0, 1000], got 0"),
+    ('[[jobs]]\nlatents = "lat/a.pt"\noutput = "a.mp4"\nfps = 0', "jobs[0].fps must be in 0.1..1000"),
     ('[[jobs]]\nlatents = "lat/a.pt"\noutput = "a.mp4"\nbuffers = 1', "jobs[0].buffers must be in 2..8, got 1"),
     ('[[jobs]]\nlatents = "lat/a.pt"\noutput = "a.mp4"\ncrf = 64',
      "jobs[0].crf must be in 0..51 for h264, h265, h264_nvenc, hevc_nvenc, av1_nvenc; 0..63 for av1, vp9, got 64"),
@@ -220,11 +220,11 @@ def test_relative_paths_are_relative_to_the_config_file_not_the_working_director
     monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
     path = config(folder, '[[jobs]]\nlatents = "lat/a.pt"\noutput = "../out/a.mp4"\n'
                           f'[[jobs]]\nlatents = "{folder}/lat/b.pt"\noutput = "b.mp4"\n')
-    a, b = load_config(path).jobs
+    a, b = load_config(path, allow_outside=True).jobs
     assert a.latents == folder / "lat" / "a.pt" and a.output == folder.parent / "out" / "a.mp4"
     assert b.latents == folder / "lat" / "b.pt" and b.output == folder / "b.mp4"
     monkeypatch.chdir(folder.parent)
-    a, _ = load_config(Path(folder.name) / "batch.toml").jobs
+    a, _ = load_config(Path(folder.name) / "batch.toml", allow_outside=True).jobs
     assert a.latents == folder / "lat" / "a.pt"
 
 
@@ -234,3 +234,22 @@ def test_an_unknown_preset_is_a_config_error_not_a_failed_job(folder):
     assert found == ["defaults.vae is invalid: unknown preset 'random:wan9': use random:NAME or random:NAME-tiny,"
                      " NAME one of wan2.1, wan2.2, hunyuanvideo, hunyuanvideo1.5, ltx, ltx2, cogvideox, mochi, kvae,"
                      " kandinsky6-sr"]
+
+
+def test_outputs_stay_under_the_configs_folder_unless_allowed_outside(folder, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    path = config(folder, f'[defaults]\nvae = "random:wan2.1-tiny"\ndevice = "cpu"\n'
+                          f'[[jobs]]\nlatents = "lat/a.pt"\noutput = "{elsewhere}/a.mp4"\n'
+                          f'[[jobs]]\nlatents = "lat/b.pt"\noutput = "out/../../b.mp4"\n'
+                          f'[[jobs]]\ninputs = "lat/c.pt"\noutput_dir = "../videos"\n'
+                          f'[[jobs]]\nlatents = "lat/c.pt"\noutput = "out/fine/../c.mp4"\n')
+    result = CliRunner().invoke(app, ["batch", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    message = " ".join(result.output.split())
+    assert "3 problems" in message and "--allow-outside" in message
+    for job, value in (("jobs[0].output", f"{elsewhere}/a.mp4"), ("jobs[1].output", "out/../../b.mp4"),
+                       ("jobs[2].output_dir", "../videos")):
+        assert f"{job} '{value}' is outside the config's folder" in message
+    assert not list(elsewhere.iterdir()) and not (folder.parent / "b.mp4").exists()
+    result = CliRunner().invoke(app, ["batch", str(path), "--allow-outside", "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output

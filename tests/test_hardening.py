@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import random
+import resource
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -381,3 +385,158 @@ def test_the_memory_floor_is_below_a_real_decodes_peak_on_the_gpu(tmp_path):
                                   dtype=torch.bfloat16, width=96, latent_numel=16 * 21 * 60 * 104)
     print(f"peak {peak / 2**30:.2f} GiB, floor {(buffer + working) / 2**30:.2f} GiB")
     assert buffer + working < peak
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"base_dim": "96"}, "base_dim must be a number (such as 96), got \"96\""),
+    ({"dim_mult": {"a": 1}}, "dim_mult must be a list of numbers"),
+    ({"dim_mult": [1, "2"]}, "dim_mult must be a list of numbers"),
+    ({"temperal_downsample": "yes"}, "temperal_downsample must be a list"),
+    ({"_class_name": 5}, "_class_name must be a class name such as \"AutoencoderKLWan\", got 5"),
+    (None, "must hold a JSON object of the VAE's settings, got a list"),
+])
+def test_a_vae_config_with_wrong_types_names_the_key(tmp_path, latents_file, change, words):
+    folder = vae_folder(tmp_path / "vae")
+    settings = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps([settings] if change is None else {**settings, **change}))
+    message = refused(tmp_path, "decode", latents_file, tmp_path / "out.mp4", "--vae", folder, "--device", "cpu")
+    assert words in message
+
+
+@pytest.mark.parametrize("name", ["a" * 246 + ".mp4", "f" * 250 + "/%05d.png"])
+def test_a_250_character_output_name_works(tmp_path, latents_file, name):
+    result = invoke("decode", latents_file, tmp_path / name, *TINY, "-q")
+    assert result.exit_code == 0, result.output
+    written = tmp_path / name.split("/")[0]
+    assert written.exists() and {p.name for p in tmp_path.iterdir()} == {written.name, latents_file.name}
+
+
+def test_an_output_name_longer_than_a_file_name_may_be_is_refused_before_any_work(tmp_path, latents_file,
+                                                                                   no_vae_load):
+    message = refused(tmp_path, "decode", latents_file, tmp_path / ("a" * 252 + ".mp4"), *TINY)
+    assert "is 256 bytes, more than a file name may be (255); choose a shorter name" in message
+
+
+def test_a_png_pattern_whose_folder_is_a_file_is_refused_before_any_work(tmp_path, latents_file, no_vae_load):
+    (tmp_path / "notes.txt").write_text("a file")
+    message = refused(tmp_path, "decode", latents_file, tmp_path / "notes.txt" / "%05d.png", *TINY)
+    assert "notes.txt' is a file, not a folder" in message
+
+
+@pytest.mark.parametrize("suffix", [".mp3", ".aac", ".flac", ".ac3"])
+def test_random_bytes_under_an_audio_extension_are_refused_before_any_work(tmp_path, latents_file, no_vae_load,
+                                                                           suffix):
+    # ffmpeg names a raw stream after the extension and finds frame headers in random bytes: it lists an audio
+    # stream, and only decoding shows there is none.
+    noise = tmp_path / f"noise{suffix}"
+    noise.write_bytes(random.Random(suffix).randbytes(1_000_000))
+    message = refused(tmp_path, "decode", latents_file, tmp_path / "out.mp4", *TINY, "--audio", noise)
+    assert "is not decodable audio" in message
+
+
+@pytest.mark.parametrize("fps", ["1e-9", "0.01"])
+def test_a_frame_rate_no_container_stores_is_refused_before_any_work(tmp_path, latents_file, no_vae_load, fps):
+    message = refused(tmp_path, "decode", latents_file, tmp_path / "out.mov", *TINY, "--fps", fps)
+    assert "fps must be in 0.1..1000 (frame rates video containers store)" in message
+
+
+def test_the_slowest_frame_rate_taken_is_stored_by_every_container(tmp_path, latents_file):
+    for container in ("mp4", "mov", "mkv", "webm"):
+        result = invoke("decode", latents_file, tmp_path / f"out.{container}", *TINY, "-q", "--fps", "0.1")
+        assert result.exit_code == 0, result.output
+
+
+class Payload:
+    """Unpickling this would make a folder: loading must refuse it without running it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".ckpt"])
+def test_a_checkpoint_holding_code_is_refused_in_one_sentence(tmp_path, latents_file, suffix):
+    marker = tmp_path / "ran"
+    torch.save({"decoder.conv2.weight": torch.zeros(16, 16, 1, 1, 1), "hook": Payload(str(marker))},
+               tmp_path / f"wan{suffix}")
+    message = refused(tmp_path, "decode", latents_file, tmp_path / "out.mp4", "--vae", tmp_path / f"wan{suffix}",
+                      "--device", "cpu")
+    assert "refused to load" in message and "holds Python objects other than tensors" in message
+    assert "could run code; use the checkpoint as .safetensors" in message
+    assert "weights_only" not in message and message.count(". ") <= 1 and not marker.exists()
+
+
+def test_the_file_size_limit_is_named_as_such(tmp_path):
+    write_latents(tmp_path / "lat.pt", (16, 5, 20, 20))  # 160x160, 17 frames of noise: about 1 MB of FFV1
+    limit = 100_000
+    run = subprocess.run([sys.executable, "-m", "vaepipe", "decode", str(tmp_path / "lat.pt"), str(tmp_path / "o.mkv"),
+                          *TINY, "--codec", "ffv1", "-q"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    message = " ".join(run.stderr.split())
+    assert "the file-size limit (0.0954 MiB) was reached while writing" in message and "ulimit -f" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lat.pt"]
+
+
+# -- files that are not regular files ---------------------------------------------------------------------------
+@pytest.fixture
+def not_a_file(tmp_path):
+    """Make `name` a FIFO, a link to /dev/zero or a folder; fail the test (rather than hang it) if anything blocks
+    reading it for more than a minute."""
+    def make(name: str, kind: str) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "device":
+            path.symlink_to("/dev/zero")
+        else:
+            path.mkdir()
+        return path
+
+    def hung(*_):
+        raise AssertionError("vaepipe blocked reading a file that is not a regular file")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    yield make
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+WORDS = {"fifo": "is a FIFO (named pipe), not a regular file", "device": "is a device, not a regular file",
+         "folder": "is a folder"}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+@pytest.mark.parametrize("what", ["config", "manifest", "latents", "batch latents", "audio", "vae config",
+                                  "vae weights", "vae file"])
+def test_every_file_read_must_be_a_regular_file(tmp_path, latents_file, not_a_file, what, kind):
+    if (what, kind) == ("vae file", "folder"):
+        pytest.skip("a folder is what --vae takes for a diffusers VAE")
+    if what == "config":
+        args = ["batch", not_a_file("jobs.toml", kind)]
+    elif what in ("manifest", "batch latents"):
+        config = batch_folder(tmp_path, '[[jobs]]\nlatents = "lat/a.pt"\noutput = "out/a.mp4"\n'
+                              '[[jobs]]\nlatents = "lat/b.pt"\noutput = "out/b.mp4"\n' if what == "batch latents"
+                              else '[[jobs]]\nlatents = "lat/a.pt"\noutput = "out/a.mp4"\n')
+        if what == "batch latents":
+            not_a_file("lat/b.pt", kind)
+        args = ["batch", config] + (["--manifest", not_a_file("m.jsonl", kind)] if what == "manifest" else [])
+    else:
+        latents = not_a_file("z.pt", kind) if what == "latents" else latents_file
+        args = ["decode", latents, tmp_path / "out.mp4", *TINY]
+        if what == "audio":
+            args += ["--audio", not_a_file("a.wav", kind)]
+        elif what.startswith("vae "):
+            folder = vae_folder(tmp_path / "vae")
+            name = {"vae config": "config.json", "vae weights": "diffusion_pytorch_model.safetensors"}.get(what)
+            if name:
+                (folder / name).unlink()
+                not_a_file(f"vae/{name}", kind)
+            args[4] = str(folder if name else not_a_file("wan.safetensors", kind))
+    message = refused(tmp_path, *args)
+    assert WORDS[kind] in message and "does not exist" not in message, message

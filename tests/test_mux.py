@@ -12,7 +12,7 @@ import vaepipe
 from vaepipe.cli import app
 from vaepipe.encode import ffmpeg_exe
 
-from conftest import audio_track, make_audio, read_tags, read_video, tiny_vae, write_latents
+from conftest import audio_track, make_audio, read_metadata, read_tags, read_video, tiny_vae, toml_string, write_latents
 
 runner = CliRunner()
 FPS = 12.0
@@ -99,7 +99,7 @@ def test_missing_unreadable_or_silent_audio_is_bad_input(tmp_path, latents_file)
     subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "testsrc=d=1:s=32x32", str(tmp_path / "v.mkv")],
                    check=True)
     assert "holds no audio stream" in _refused(tmp_path, latents_file, "--audio", tmp_path / "v.mkv")
-    assert "is not a file" in _refused(tmp_path, latents_file, "--audio", tmp_path)
+    assert "is a folder, not a regular file" in _refused(tmp_path, latents_file, "--audio", tmp_path)
 
 
 def test_a_png_sequence_takes_no_soundtrack(tmp_path, latents_file, sounds):
@@ -171,6 +171,73 @@ def test_bad_metadata_is_bad_input(tmp_path, latents_file, extra, words):
 def test_a_png_sequence_takes_no_tags(tmp_path, latents_file):
     message = _refused(tmp_path, latents_file, "--metadata", "title=x", output="frames/%05d.png")
     assert "no tags" in message
+
+
+# Values that ffmpeg's metadata file syntax turned into other tags: a CR ended the line, a trailing backslash
+# joined the next one, and this one would add a chapter and a new title.
+FORGED = "x\r[CHAPTER]\nTIMEBASE=1/1\nSTART=0\nEND=1\ntitle=evil\\"
+AWKWARD = "".join(map(chr, range(1, 32))) + "\x7f\x85\u2028 =;#\\ é \U0001f98a\\"
+
+
+def _tag_by(route: str, tmp_path, out, title: str, artist: str):
+    """Write `title` and `artist` into `out` through one of the four ways tags come in."""
+    z = torch.randn(16, 2, 3, 3)
+    if route == "latents":  # the prompt is the title; the artist is written as it is
+        torch.save({"latents": z, "prompt": title, "artist": artist}, tmp_path / "lat.pt")
+        return decode(tmp_path / "lat.pt", out)
+    torch.save(z, tmp_path / "lat.pt")
+    if route == "cli":
+        return decode(tmp_path / "lat.pt", out, "--metadata", f"title={title}", "--metadata", f"artist={artist}")
+    if route == "batch":
+        (tmp_path / "jobs.toml").write_text(
+            f'[defaults]\nvae = "random:wan2.1-tiny"\ndevice = "cpu"\n[[jobs]]\nlatents = "lat.pt"\n'
+            f'output = "{out.name}"\nmetadata = {{ title = {toml_string(title)}, artist = {toml_string(artist)} }}\n')
+        return runner.invoke(app, ["batch", str(tmp_path / "jobs.toml"), "-q"])
+    try:
+        vaepipe.export_video(z, out, vae=tiny_vae(), metadata={"title": title, "artist": artist})
+    except vaepipe.BadInput as e:
+        return type("Refused", (), {"exit_code": 2, "output": str(e)})
+    return type("Done", (), {"exit_code": 0, "output": ""})
+
+
+@pytest.mark.parametrize("route", ["cli", "latents", "batch", "api"])
+@pytest.mark.parametrize("container", ["mp4", "mov", "mkv", "webm"])
+def test_control_characters_and_a_trailing_backslash_are_stored_exactly(tmp_path, route, container):
+    plain = tmp_path / f"plain.{container}"
+    assert _tag_by(route, tmp_path, plain, "t", "a").exit_code == 0
+    out = tmp_path / f"out.{container}"
+    result = _tag_by(route, tmp_path, out, FORGED, AWKWARD)
+    assert result.exit_code == 0, result.output
+    tags, sections = read_metadata(out)
+    assert (tags["title"], tags["artist"]) == (FORGED, AWKWARD)
+    # No other tag, section or chapter appears or disappears: the same as short plain values give.
+    want, want_sections = read_metadata(plain)
+    assert tags.keys() == want.keys() and sections == want_sections
+
+
+@pytest.mark.parametrize("route", ["cli", "batch", "api"])
+@pytest.mark.parametrize("value, words", [("a\0b", "holds a NUL character"),
+                                          ("a\ud800b", "not valid Unicode text"),
+                                          ("x" * 70000, "more than a .mov tag holds"),
+                                          ("y" * 40000 + "\\", "ends in a backslash")])
+def test_a_tag_that_cannot_be_stored_exactly_is_refused(tmp_path, route, value, words):
+    if route == "batch" and "\ud800" in value:
+        pytest.skip("TOML holds no lone surrogates")
+    result = _tag_by(route, tmp_path, tmp_path / "out.mov", value, "me")
+    assert result.exit_code == 2, result.output
+    assert words in " ".join(result.output.split()) and "metadata title" in " ".join(result.output.split())
+    assert not [p for p in tmp_path.iterdir() if p.suffix in (".mov", ".part")]
+
+
+def test_a_stored_prompt_that_cannot_be_a_tag_is_left_out_with_a_warning(tmp_path):
+    torch.save({"latents": torch.randn(16, 2, 3, 3), "prompt": "a\0b", "seed": 3}, tmp_path / "lat.pt")
+    result = runner.invoke(app, ["decode", str(tmp_path / "lat.pt"), str(tmp_path / "out.mp4"), "--vae",
+                                 "random:wan2.1-tiny", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert output.count("warning:") == 1 and "title tag (the stored prompt) holds a NUL character" in output
+    tags = read_tags(tmp_path / "out.mp4")
+    assert "title" not in tags and json.loads(tags["comment"]) == {"prompt": "a\0b", "seed": 3}  # JSON keeps it
 
 
 # -- batch configs ---------------------------------------------------------------------------------------------

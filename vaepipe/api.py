@@ -12,7 +12,9 @@ lanes as the command line (and the same bytes, for the same latents and options)
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -26,6 +28,24 @@ from .latents import from_tensor
 from .progress import Reporter
 from .runner import DecodeOptions, Session, Streamed, summarize
 from .vae import LoadedVae
+
+
+def _in_python_words(method):
+    """The library's messages name the command line's options (`--vae`, `--no-pad`); from the API they name its
+    arguments (`vae=`, `pad=False`), so that a script's author reads what to change in the script."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except BadInput as e:
+            raise BadInput(python_words(str(e))) from None
+    return wrapper
+
+
+def python_words(message: str) -> str:
+    message = re.sub(r"(?<![\w/.-])--vae\b", "vae= (or pipe=)", message)
+    message = re.sub(r"(?<![\w/.-])--no-([a-z][a-z0-9-]*)", lambda m: f"{m.group(1).replace('-', '_')}=False", message)
+    return re.sub(r"(?<![\w/.-])--([a-z][a-z0-9-]*)", lambda m: f"{m.group(1).replace('-', '_')}=", message)
 
 
 class Pending:
@@ -60,6 +80,7 @@ class Exporter:
     `Pending.result()`) before relying on the files. Use one Exporter from one thread.
     """
 
+    @_in_python_words
     def __init__(self, vae: torch.nn.Module | None = None, *, pipe=None, exact: bool = False, chunk: int | None = None,
                  buffers: int = 2, sync: bool = False, bands: int | None = None, max_vram: str | int | None = None,
                  progress: bool = False):
@@ -74,6 +95,7 @@ class Exporter:
         self._lock = threading.Lock()
         self._closed = False
 
+    @_in_python_words
     def export(self, latents: torch.Tensor, output: str | os.PathLike, *, fps: float | None = None,
                codec: str | None = None, crf: int = 18, preset: str = "medium", pix_fmt: str | None = None,
                pad: bool = True, audio: str | os.PathLike | None = None, cut_audio: bool = True,
@@ -89,6 +111,9 @@ class Exporter:
         if self._closed:
             raise VaepipeError("this Exporter is closed: make a new one (or export inside its with-block)")
         latents = getattr(latents, "frames", latents)  # the pipeline's output object itself
+        if not isinstance(output, str | os.PathLike) or not isinstance(os.fspath(output), str):
+            raise BadInput(f"output must be a path as str or pathlib.Path, got {type(output).__name__}"
+                           f" {output!r:.60}: pass it as text (output.decode() for bytes)")
         encode = EncodeOptions(codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, fps=fps, pad=pad, audio=audio,
                                cut_audio=cut_audio, metadata=metadata, no_metadata=no_metadata)
         options = replace(self._options, denormalize=denormalize)

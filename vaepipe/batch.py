@@ -34,6 +34,7 @@ from . import __version__
 from .config import DECODE_KEYS, ENCODE_KEYS, BatchConfig, JobSpec
 from .encode import output_sha256
 from .errors import BadInput, VaepipeError
+from .files import not_regular
 from .latents import Latents, read_latents
 from .pipeline import LANES, Buffers
 from .progress import Reporter
@@ -183,13 +184,16 @@ def _records(path: Path) -> list[dict]:
     """The records in one manifest file (none if it does not exist). Lines torn by a crash (cut short, NUL-filled)
     are skipped; a file with complete lines none of which is a record, or that is not UTF-8 text, is not ours."""
     fix = "pass --manifest with another path, or move the file away to start a new manifest (done jobs then run again)"
+    why = not_regular(path)
+    if why == "does not exist":
+        return []
+    if why and path.is_dir():
+        raise BadInput(f"the manifest {str(path)!r} is a folder: pass --manifest with a file path, such as"
+                       f" {str(path / 'batch.manifest.jsonl')!r}")
+    if why:  # a FIFO would block the read (and the append), a device never end
+        raise BadInput(f"the manifest {str(path)!r} {why}: pass --manifest with the path of a file")
     try:
         text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        return []
-    except IsADirectoryError:
-        raise BadInput(f"the manifest {str(path)!r} is a folder: pass --manifest with a file path, such as"
-                       f" {str(path / 'batch.manifest.jsonl')!r}") from None
     except OSError as e:
         raise BadInput(f"cannot read the manifest {str(path)!r} ({e.strerror}): {fix}") from None
     except UnicodeDecodeError as e:

@@ -169,6 +169,8 @@ def batch(
                                                             "skipped) and exit.")] = False,
     manifest: Annotated[Path | None, typer.Option(help="Manifest (JSON Lines) to resume from and write; default: "
                                                        "CONFIG_STEM.manifest.jsonl beside the config.")] = None,
+    allow_outside: Annotated[bool, typer.Option("--allow-outside", help="Let the config's jobs write outside its "
+                                                                       "folder (absolute or ../ outputs).")] = False,
     vae: Vae = None, dtype: Dtype = None, device: Device = None, chunk: Chunk = None, buffers: Buffers = None,
     sync: Sync = None, fps: Fps = None, codec: Codec = None, crf: Crf = None, preset: Preset = None,
     pix_fmt: PixFmt = None, pad: Pad = None, encoders: Encoders = None, denormalize: Denorm = None,
@@ -196,7 +198,7 @@ def batch(
     try:
         if metadata:
             overrides["metadata"] = parse_metadata(metadata)
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, overrides, allow_outside=allow_outside)
         options = runs.BatchOptions(shard=runs.parse_shard(shard) if shard else None, overwrite=overwrite,
                                     manifest=manifest)
         if gpus is not None:
@@ -207,6 +209,7 @@ def batch(
             return
         if gpus is not None:
             args = [str(config.resolve()), *_as_args(overrides), *(["--overwrite"] if overwrite else []),
+                    *(["--allow-outside"] if allow_outside else []),
                     *(["--manifest", str(manifest.resolve())] if manifest else []),
                     *(["--json"] if json_out else []), *(["--quiet"] if quiet else [])]
             code = runs.launch(gpus, args)

@@ -16,7 +16,9 @@
     audio = "music/theme.m4a"      # a soundtrack, like any option (relative to the config)
     metadata = { artist = "me" }   # tags add up key by key: [defaults] < job < command line
 
-Relative paths are relative to the config file. Precedence: command line > job > [defaults] > built-in.
+Relative paths are relative to the config file. Outputs stay under the config's folder: a config may come from
+someone else, so a job whose output or output_dir is absolute or climbs out with `..` is refused unless the command
+line allows it (`--allow-outside`). Precedence: command line > job > [defaults] > built-in.
 Every problem is reported at once, each with its TOML path (`jobs[3].crf must be in 0..51 for h264, got 60`).
 """
 
@@ -32,7 +34,9 @@ from typing import Any
 
 from .encode import CODECS, EncodeOptions, plan_encode
 from .errors import BadInput
+from .files import not_regular, regular_file
 from .latents import SUFFIXES
+from .mux import check_given_tags
 from .runner import DecodeOptions
 
 # Every option a config or the command line can set, with the TOML type it takes. A test pins that these are
@@ -77,25 +81,26 @@ class ConfigError(BadInput):
         super().__init__(f"{n} problem{'s' if n > 1 else ''} in {path}:\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> BatchConfig:
-    """Read and check `path`; `overrides` holds the options given on the command line (only those given).
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None, *,
+                allow_outside: bool = False) -> BatchConfig:
+    """Read and check `path`; `overrides` holds the options given on the command line (only those given);
+    `allow_outside` lets jobs write outside the config's folder.
 
     Raises ConfigError listing every problem; nothing is read but the config and the file system's names."""
-    path = Path(path)
+    path = regular_file(path, "config file", "pass a batch config (a .toml file)")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadInput(f"config file {str(path)!r} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise BadInput(f"could not read config {str(path)!r}: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise BadInput(f"{path} is not valid TOML: {e}") from None
-    return _Checker(path).check(data, overrides or {})
+    return _Checker(path, allow_outside).check(data, overrides or {})
 
 
 class _Checker:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, allow_outside: bool = False):
         self.path = path
+        self.allow_outside = allow_outside
         self.base = Path(os.path.abspath(path.parent))
         self.problems: list[str] = []
         self.bad_shared: set[str] = set()  # options with an invalid value in [defaults] or on the command line
@@ -173,8 +178,9 @@ class _Checker:
             values["metadata"] = {k: v for table in tables for k, v in table.items()}
         if "audio" in merged:  # relative to the config (the command line's is absolute already)
             values["audio"] = str(self.resolve(values["audio"]))
-            if not Path(values["audio"]).is_file():
-                self.problem(f"{merged['audio'][1]} {values['audio']!r} does not exist")
+            why = not_regular(Path(values["audio"]))
+            if why:
+                self.problem(f"{merged['audio'][1]} {values['audio']!r} {why}")
         decode = DecodeOptions(**{k: v for k, v in values.items() if k in DECODE_KEYS})
         try:
             encode = EncodeOptions(**{k: v for k, v in values.items() if k in ENCODE_KEYS})
@@ -209,7 +215,7 @@ class _Checker:
         if len(single) < 2 or not all(isinstance(entry[k], str) and entry[k] for k in single):
             return []
         latents = self.resolve(entry["latents"])
-        if not self.latents_ok(f"{where}.latents", latents):
+        if not all([self.inside(f"{where}.output", entry["output"]), self.latents_ok(f"{where}.latents", latents)]):
             return []
         return [(latents, self.resolve(entry["output"]))]
 
@@ -218,6 +224,8 @@ class _Checker:
         if not isinstance(suffix, str) or not suffix.startswith(".") or any(c in suffix for c in "/\\\0"):
             self.problem(f"{where}.suffix must be the end of a file name, a dot and no folders, such as \".mp4\","
                          f" got {suffix!r}")
+            return []
+        if not self.inside(f"{where}.output_dir", output_dir):
             return []
         matches = sorted(Path(p) for p in glob.glob(str(self.resolve(pattern)), recursive=True))
         matches = [p for p in matches if p.is_file()]
@@ -229,12 +237,23 @@ class _Checker:
         out_dir = self.resolve(output_dir)
         return [(p, out_dir / f"{p.stem}{suffix}") for p in matches]
 
+    def inside(self, label: str, value: str) -> bool:
+        """Whether a job's output may go where `value` says: under the config's folder, unless --allow-outside."""
+        if self.allow_outside:
+            return True
+        if Path(value).expanduser().is_absolute() or not self.resolve(value).is_relative_to(self.base):
+            self.problem(f"{label} {value!r} is outside the config's folder ({self.base}): a config writes under its"
+                         " own folder unless you pass --allow-outside")
+            return False
+        return True
+
     def latents_ok(self, label: str, path: Path) -> bool:
         if path.suffix.lower() not in SUFFIXES:
             self.problem(f"{label} {str(path)!r} is not a latents file: use .pt, .safetensors, .npy or .latent")
             return False
-        if not path.is_file():
-            self.problem(f"{label} {str(path)!r} does not exist")
+        why = not_regular(path)
+        if why:
+            self.problem(f"{label} {str(path)!r} {why}")
             return False
         return True
 
@@ -247,6 +266,11 @@ class _Checker:
         except BadInput as e:
             self.problem(f"{where}: {e}")
             return
+        if encode.metadata and not encode.no_metadata and plan.codec != "png":
+            try:
+                check_given_tags(output.suffix.lower(), encode.metadata)
+            except BadInput as e:
+                self.problem(f"{where}: {e}")
         top = CODECS[plan.codec].crf_max
         if top is not None and crf > top:
             origin = "" if crf_from == f"{where}.crf" else f" (set by {crf_from})"

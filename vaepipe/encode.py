@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import glob
 import hashlib
 import os
 import re
@@ -14,13 +15,14 @@ import subprocess
 import tempfile
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from .errors import BadInput, VaepipeError
-from .mux import Mux, check_metadata
+from .ffmpeg import ffmpeg_exe, file_size_limit
+from .mux import Audio, Mux, check_metadata, for_sample, plan_mux
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 # The speed ladders of the other encoders, indexed like X264_PRESETS (slowest last).
@@ -29,6 +31,7 @@ _VP9_CPU_USED = (8, 7, 6, 5, 4, 3, 2, 1, 0)
 _NVENC = ("p1", "p1", "p2", "p3", "p4", "p5", "p6", "p7", "p7")
 _X264_LOOKAHEAD = (0, 0, 10, 20, 30, 40, 50, 60, 60)  # x264's own rc-lookahead per preset
 
+MIN_FPS = 0.1
 PIX_FMTS = ("yuv420p", "yuv420p10le", "yuv444p", "yuv422p10le", "yuv444p10le", "rgb24")
 _CHROMA_420 = {"yuv420p", "yuv420p10le"}
 _CHROMA_422 = {"yuv422p10le"}
@@ -80,6 +83,7 @@ CODECS: dict[str, Codec] = {
     "hevc_nvenc": Codec("hevc_nvenc", ("yuv420p", "yuv420p10le", "yuv444p"), _VIDEO, 51, hardware=True),
     "av1_nvenc": Codec("av1_nvenc", ("yuv420p", "yuv420p10le"), (".mp4", ".mkv", ".webm"), 51, hardware=True),
 }
+_NAME_MAX = 255  # bytes in one file name, on every file system Linux writes videos to (ext4, xfs, btrfs, tmpfs)
 _MUXERS = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".webm": "webm", ".png": "image2"}
 
 
@@ -109,6 +113,10 @@ class EncodeOptions:
     """Concurrent encoders for one output (segment-parallel encoding, see segments.py): N, or auto."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.crf, int) or isinstance(self.crf, bool):
+            raise BadInput(f"crf must be an integer, got {self.crf!r}")
+        if self.fps is not None and (not isinstance(self.fps, int | float) or isinstance(self.fps, bool)):
+            raise BadInput(f"fps must be a number, got {self.fps!r}")
         if self.codec is not None and self.codec not in CODECS:
             raise BadInput(f"codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
         if self.preset not in X264_PRESETS:
@@ -125,8 +133,9 @@ class EncodeOptions:
                     ranges.setdefault(spec.crf_max, []).append(name)
             allowed = "; ".join(f"0..{top} for {', '.join(names)}" for top, names in ranges.items())
             raise BadInput(f"crf must be in {allowed}, got {self.crf}")
-        if self.fps is not None and not 0 < self.fps <= 1000:
-            raise BadInput(f"fps must be in (0, 1000], got {self.fps}")
+        # Below 0.1 fps, MP4 and MOV cannot store a clip's frame times (ffmpeg fails when the file is written).
+        if self.fps is not None and not MIN_FPS <= self.fps <= 1000:
+            raise BadInput(f"fps must be in {MIN_FPS:g}..1000 (frame rates video containers store), got {self.fps}")
         if self.audio is not None:
             self.audio = os.fspath(self.audio)
             if not self.audio:
@@ -158,7 +167,7 @@ class EncodePlan:
     crf: int
     preset: str
     mux: Mux = Mux()
-    """Soundtrack and tags, planned by mux.plan_mux once the clip's length is known."""
+    """Soundtrack and tags, planned by `with_mux` once the clip's length is known."""
     encoders: int | str = 1
     """Concurrent encoders asked for (N or auto); segments.segment_lengths decides how many are used."""
 
@@ -174,6 +183,10 @@ class EncodePlan:
 def plan_encode(dest: str | os.PathLike, *, width: int, height: int, fps: float, options: EncodeOptions) -> EncodePlan:
     """Resolve codec, pixel format and padding for a destination; raise BadInput for any mismatch."""
     dest = Path(dest)
+    long = [part for part in dest.parts if len(os.fsencode(part)) > _NAME_MAX]
+    if long:  # before the file system is asked anything about it: it answers ENAMETOOLONG
+        raise BadInput(f"cannot write {str(dest)[:60]!r}…: the name {long[0][:40]!r}… is {len(os.fsencode(long[0]))}"
+                       f" bytes, more than a file name may be ({_NAME_MAX}); choose a shorter name")
     if dest.is_dir():
         raise BadInput(f"{str(dest)!r} is a folder: name a file in it, such as {str(dest / 'out.mp4')!r}")
     suffix = dest.suffix.lower()
@@ -210,6 +223,20 @@ def plan_encode(dest: str | os.PathLike, *, width: int, height: int, fps: float,
                       encoders=options.encoders)
 
 
+def with_mux(plans: list[EncodePlan], encode: EncodeOptions, *, audio: Audio | None, recorded: dict,
+             frames: int) -> list[EncodePlan]:
+    """`plans` (one per sample of a batch) with their Mux: the soundtrack, cut to `frames` at the plans' fps, and
+    each sample's tags from what its latents recorded and what `encode` gives."""
+    out = []
+    for b, plan in enumerate(plans):
+        seconds = frames / float(f"{plan.fps:g}")  # at the rate ffmpeg is given (encode.py writes it with :g)
+        mux = plan_mux(plan.dest.suffix.lower(), audio=audio, cut_audio=encode.cut_audio, seconds=seconds,
+                       recorded=for_sample(recorded, b, len(plans)),
+                       given=for_sample(encode.metadata or {}, b, len(plans)), no_metadata=encode.no_metadata)
+        out.append(replace(plan, mux=mux))
+    return out
+
+
 def check_frame_size(plan: EncodePlan) -> None:
     """Frames larger than every encoder takes (4096 on a side) are tried on this one first: x264 stops at 16384,
     SVT-AV1's height at 8704, and a hostile latents file should not cost a long decode that ffmpeg then refuses.
@@ -229,10 +256,13 @@ def check_writable(dest: str | os.PathLike) -> None:
     """Fail before any work where `dest` cannot be written: its temporary file goes in a folder that must be
     writable, or be creatable in the nearest folder that exists. Tried with a real file, which is what counts (a
     read-only mount, a folder that is a file, permissions that root ignores but a file system does not)."""
-    folder = Path(os.path.abspath(_temp_home(Path(dest))[0]))
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        raise BadInput(f"cannot write {str(dest)!r}: {str(existing)!r} is a file, not a folder; choose another output")
+    # Both the temporary output's folder and the destination's (a PNG pattern's own folder): under a file, the
+    # sequence would be decoded whole and then fail to move into place.
+    for folder in (Path(os.path.abspath(Path(dest).parent)), Path(os.path.abspath(_temp_home(Path(dest))[0]))):
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir():
+            raise BadInput(f"cannot write {str(dest)!r}: {str(existing)!r} is a file, not a folder; choose another"
+                           " output")
     try:
         fd, probe = tempfile.mkstemp(prefix=".vaepipe-probe-", dir=existing)
         os.close(fd)
@@ -240,16 +270,6 @@ def check_writable(dest: str | os.PathLike) -> None:
     except OSError as e:
         raise BadInput(f"cannot write {str(dest)!r}: the folder {str(existing)!r} is not writable ({e.strerror});"
                        " choose another output folder or change its permissions") from None
-
-
-def ffmpeg_exe() -> str:
-    """The ffmpeg that imageio-ffmpeg resolves (IMAGEIO_FFMPEG_EXE first, then its bundled binary)."""
-    try:
-        import imageio_ffmpeg
-
-        return imageio_ffmpeg.get_ffmpeg_exe()
-    except (ImportError, RuntimeError) as e:
-        raise BadInput(f"no ffmpeg found ({e}): pip install imageio-ffmpeg, or set IMAGEIO_FFMPEG_EXE") from None
 
 
 @functools.cache
@@ -307,11 +327,32 @@ def frame_files(dest: Path) -> list[Path]:
     return sorted(p for p in folder.glob(f"*{dest.suffix}") if pattern.fullmatch(p.name)) if folder.is_dir() else []
 
 
+def check_frames_folder(plan: EncodePlan, frames: int) -> None:
+    """Before any work: a PNG sequence of `frames` goes into a folder where no file named like its frames (an
+    older, longer clip's, someone's 7.png) would stay beside it, since vaepipe deletes no file it did not write."""
+    if not plan.is_sequence:
+        return
+    try:
+        ours = {plan.dest.name % i for i in range(frames)}
+    except (TypeError, ValueError):
+        raise BadInput(f"{plan.dest.name!r} is not a frame pattern: use one %d, such as %05d.png") from None
+    others = [p.name for p in frame_files(plan.dest) if p.name not in ours]
+    if others:
+        raise BadInput(f"{str(plan.dest.parent)!r} already holds {len(others)} file{'s' if len(others) > 1 else ''}"
+                       f" named like {plan.dest.name} that this clip's {frames} frames would not replace"
+                       f" ({', '.join(others[:2])}{', …' if len(others) > 2 else ''}): remove them or choose another"
+                       " folder (vaepipe deletes no file it did not write)")
+
+
 def _temp_home(dest: Path) -> tuple[Path, str]:
-    """Where a destination's temporary output goes, and the name it is derived from (a sequence's folder)."""
-    if "%" in dest.name:
-        return dest.parent.parent, dest.parent.name or "frames"
-    return dest.parent, dest.name
+    """Where a destination's temporary output goes, and the name it is derived from (a sequence's folder): the
+    destination's own, or, where that with what vaepipe adds (`.NAME.vaepipe-PID-ID.tags.part`) would pass the
+    file system's limit on a name (255 bytes), its start and a hash of the whole."""
+    folder, name = (dest.parent.parent, dest.parent.name or "frames") if "%" in dest.name else (dest.parent, dest.name)
+    raw = os.fsencode(name)
+    if len(raw) > _NAME_MAX - 64:
+        name = os.fsdecode(raw[:100]) + "~" + hashlib.sha256(raw).hexdigest()[:16]
+    return folder, name
 
 
 class Encoder:
@@ -353,6 +394,9 @@ class Encoder:
 
     def _failure(self, what: str) -> VaepipeError:
         self._drain.join(timeout=5)
+        limit = file_size_limit(self._proc.returncode, self.plan.dest)
+        if limit:
+            return limit
         tail = "\n".join(self._stderr)
         return VaepipeError(f"ffmpeg {what} (exit code {self._proc.returncode})" + (f":\n{tail}" if tail else ""))
 
@@ -411,10 +455,8 @@ class Encoder:
         if not dest.parent.exists():
             os.replace(self._tmp, dest.parent)  # a new folder: one atomic rename
             return
-        # Into an existing folder frame by frame, after removing an older sequence of the same pattern, so a
-        # shorter clip never keeps the old one's last frames.
-        for old in frame_files(dest):
-            old.unlink()
+        # Into an existing folder frame by frame, replacing frames of the same names; `check_frames_folder` made
+        # sure that no other file there is named like a frame (nothing the run did not write is deleted).
         for frame in sorted(self._tmp.iterdir()):
             os.replace(frame, dest.parent / frame.name)
         self._tmp.rmdir()
@@ -428,7 +470,7 @@ class Encoder:
 def _remove_stale_parts(dest: Path) -> None:
     """A killed run (SIGKILL, power loss) can leave its hidden temporary output; remove those of dead processes."""
     folder, name = _temp_home(dest)
-    for part in folder.glob(f".{name}.vaepipe-*.part"):
+    for part in folder.glob(f".{glob.escape(name)}.vaepipe-*.part"):
         pid = part.name.removeprefix(f".{name}.vaepipe-").split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(part, ignore_errors=True) if part.is_dir() else part.unlink(missing_ok=True)

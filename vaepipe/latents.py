@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInput
+from .files import refused_pickle, regular_file
 from .memory import gib, host_available
 
 SUFFIXES = (".pt", ".pth", ".safetensors", ".npy", ".latent")
@@ -44,9 +45,7 @@ class Latents:
 
 
 def read_latents(path: str | Path) -> Latents:
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"latents file {str(path)!r} does not exist")
+    path = regular_file(path, "latents file", "pass a .pt, .safetensors, .npy or ComfyUI .latent file")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise BadInput(f"cannot read latents from {str(path)!r}: use a .pt, .safetensors, .npy or ComfyUI .latent"
@@ -63,9 +62,7 @@ def read_latents(path: str | Path) -> Latents:
             tensor = _from_numpy(path)
         tensor = _checked(tensor, path)
     except pickle.UnpicklingError as e:
-        raise BadInput(f"refused to load {str(path)!r}: it holds Python objects other than tensors{_named(e)}, and"
-                       " loading them could run code; save plain tensors (a tensor, or a dict of tensors and"
-                       " numbers)") from None
+        raise refused_pickle(path, e, "save plain tensors (a tensor, or a dict of tensors and numbers)") from None
     except BadInput:
         raise
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, MemoryError) as e:
@@ -87,6 +84,11 @@ def from_tensor(tensor, *, name: str = "latents") -> Latents:
         what = type(tensor).__name__
         raise BadInput(f"latents must be a torch.Tensor [B, C, T, H, W], got a {what}: call the pipeline with"
                        ' output_type="latent" and pass its .frames')
+    if tensor.device.type == "meta":
+        raise BadInput("latents are on the meta device, which holds shapes but no values: pass the tensor the"
+                       " pipeline returned, on the CPU or a GPU")
+    if tensor.layout != torch.strided:
+        raise BadInput(f"latents must be a dense tensor, got a {tensor.layout} one: pass tensor.to_dense()")
     _check_form(name, tensor.shape, tensor.dtype)  # already in memory: nothing of their size to read
     return Latents(tensor=_checked(tensor.detach(), Path(name)), fps=None, path=Path(name))
 
@@ -96,23 +98,17 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _named(e: pickle.UnpicklingError) -> str:
-    """The Python object a refused pickle names (torch's message is long, coloured and about other things)."""
-    found = re.search(r"GLOBAL (\S+)", str(e))
-    return f" ({found.group(1).rstrip('.')})" if found else ""
-
-
 def _stored_fps(value, path: Path) -> tuple[float | None, str | None]:
-    """The stored fps as a number in (0, 1000], or None with the reason (a bad one only matters without --fps)."""
+    """The stored fps as a number in 0.1..1000, or None with the reason (a bad one only matters without --fps)."""
     if value is None:
         return None, None
     try:
         fps = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     except (ValueError, OverflowError):
         fps = None
-    if fps is not None and 0 < fps <= 1000:  # also false for NaN
+    if fps is not None and 0.1 <= fps <= 1000:  # also false for NaN; the range EncodeOptions takes
         return fps, None
-    return None, (f"{str(path)!r}: the stored fps must be a number in (0, 1000], got {value!r:.40}; pass --fps to"
+    return None, (f"{str(path)!r}: the stored fps must be a number in 0.1..1000, got {value!r:.40}; pass --fps to"
                   " override it")
 
 

@@ -14,12 +14,21 @@ from . import __version__
 from . import bands as banding
 from . import engine as engines
 from .decode import decode_stream
-from .encode import EncodeOptions, EncodePlan, Encoder, check_frame_size, check_writable, plan_encode
+from .encode import (
+    EncodeOptions,
+    EncodePlan,
+    Encoder,
+    check_frame_size,
+    check_frames_folder,
+    check_writable,
+    plan_encode,
+    with_mux,
+)
 from .errors import BadInput, VaepipeError
 from .families import PRESET_NAMES, DecodeSettings, default_repo, preset_channels
 from .latents import Latents, check_for_vae, read_latents
 from .memory import check_decode_fits, device_available, gib, parse_bytes
-from .mux import probe_audio, with_mux
+from .mux import probe_audio
 from .pipeline import Buffers, Jitter, LaneStats, Progress, run_lanes
 from .progress import Reporter
 from .segments import SegmentedEncoder, segment_lengths
@@ -67,6 +76,10 @@ class DecodeOptions:
     """Where the bands' causal caches wait between windows: device or host; None: where they fit."""
 
     def __post_init__(self) -> None:
+        for name in ("chunk", "buffers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise BadInput(f"{name} must be an integer, got {value!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise BadInput(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.exact and self.fast:
@@ -180,8 +193,12 @@ class Session:
         self._check_fits(vae, plans[0], options, latents)
         check_frame_size(plans[0])
         bands = self._bands(vae, plans[0], options, latents)
-        plans = with_mux(plans, encode, audio=audio, recorded=latents.metadata,
-                         frames=vae.family.num_frames(vae.model, latents.tensor.shape[2]))
+        frames = vae.family.num_frames(vae.model, latents.tensor.shape[2])
+        for plan in plans:
+            check_frames_folder(plan, frames)
+        plans = with_mux(plans, encode, audio=audio, recorded=latents.metadata, frames=frames)
+        for note in dict.fromkeys(note for plan in plans for note in plan.mux.notes):
+            self.reporter.log(f"warning: {latents.path}: {note}")
         if plans[0].pad_right or plans[0].pad_bottom:
             self.reporter.log(f"frames are {w * scale}x{h * scale}: padding to even sizes for {plans[0].pix_fmt}"
                               " by repeating the last column/row (not rescaled)")

@@ -36,6 +36,7 @@ import torch
 
 from .encode import X264_PRESETS, EncodePlan, Encoder, _remove_stale_parts, _temp_home, ffmpeg_exe, mux_args
 from .errors import VaepipeError
+from .ffmpeg import file_size_limit
 from .mux import Mux
 
 
@@ -266,6 +267,9 @@ class SegmentedEncoder:
                 proc.kill()
                 proc.wait()
         if proc.returncode != 0:
+            limit = file_size_limit(proc.returncode, self.plan.dest)
+            if limit:
+                raise limit
             tail = "\n".join(err.decode(errors="replace").strip().splitlines()[-20:])
             raise VaepipeError(f"ffmpeg failed joining {len(segments)} segments (exit code {proc.returncode})"
                                + (f":\n{tail}" if tail else ""))

@@ -3,7 +3,9 @@ checkpoint file as Wan and ComfyUI ship it."""
 
 from __future__ import annotations
 
+import inspect
 import json
+import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +14,12 @@ import torch
 
 from . import families
 from .errors import BadInput
+from .files import refused_pickle, regular_file
 
 # Random-weight presets of every family (random:<family>, random:<family>-tiny), named so that nobody mistakes them
 # for a trained model; families/ holds their configs.
 PRESETS = families.PRESETS
+_CHECKPOINT_FIX = "use the checkpoint as .safetensors, or one whose file holds tensors only"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -79,7 +83,8 @@ def _load(src: str, dtype: torch.dtype, device: torch.device) -> LoadedVae:
     path = Path(src).expanduser()
     if path.is_dir():
         return _ready(_from_folder(path, dtype), str(path), dtype, device)
-    if path.is_file():
+    if path.exists():
+        regular_file(path, "--vae", "pass a checkpoint file (.safetensors, .pth, .pt, .ckpt) or a diffusers folder")
         return _ready(_from_single_file(path, dtype), str(path), dtype, device)
     if src.count("/") == 1 and not src.startswith((".", "/", "~")):
         return _ready(_from_folder(_cached_repo(src), dtype), f"{src} (local Hub cache)", dtype, device)
@@ -108,24 +113,67 @@ def _from_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
 
     for candidate in (folder, folder / "vae"):
         config = candidate / "config.json"
-        if config.is_file():
+        if config.exists():
+            regular_file(config, "the VAE config", "replace it with the model's config.json")
+            for weights in (*candidate.glob("*.safetensors"), *candidate.glob("*.bin")):
+                regular_file(weights, "the VAE weights", "replace it with the model's weights file")
             try:
-                class_name = json.loads(config.read_text())["_class_name"]
-            except (ValueError, KeyError):
-                raise BadInput(f"{config} is not a diffusers model config (no _class_name)") from None
+                settings = json.loads(config.read_text())
+            except (ValueError, OSError):
+                raise BadInput(f"{config} is not a diffusers model config (not JSON text)") from None
+            if not isinstance(settings, dict):
+                raise BadInput(f"{config} must hold a JSON object of the VAE's settings, got a"
+                               f" {type(settings).__name__}: replace it with the model's config.json")
+            class_name = settings.get("_class_name")
+            if class_name is None:
+                raise BadInput(f"{config} is not a diffusers model config (no _class_name)")
+            if not isinstance(class_name, str):
+                raise BadInput(f"{config}: _class_name must be a class name such as \"AutoencoderKLWan\", got"
+                               f" {class_name!r}")
             cls = getattr(diffusers, class_name, None)
             if cls is None or not class_name.startswith("Autoencoder"):
                 continue  # a pipeline's model_index.json sits beside other configs; look in vae/
+            check_config_types(cls, settings, config)
             try:
                 model, info = cls.from_pretrained(candidate, torch_dtype=dtype, local_files_only=True,
                                                   output_loading_info=True, ignore_mismatched_sizes=True)
-            except (OSError, ValueError, RuntimeError) as e:
+            except (OSError, ValueError, RuntimeError, TypeError, AttributeError, KeyError, IndexError) as e:
+                # Types are checked above where the class's defaults tell them; what they do not cover lands here.
                 raise BadInput(f"could not load the VAE in {candidate}: {_first_line(e)}") from None
             check_weights(model, str(candidate), missing=info["missing_keys"], unexpected=info["unexpected_keys"],
                           mismatched=info["mismatched_keys"])
             return model
     raise BadInput(f"{folder} holds no diffusers VAE: expected config.json of an Autoencoder* class there or in"
                    " vae/; pass the VAE folder or the pipeline folder")
+
+
+def check_config_types(cls: type, settings: dict, config: Path) -> None:
+    """Each setting of the JSON type its default in `cls.__init__` has (a size a number, a list of sizes a list of
+    numbers): diffusers builds the model from them unchecked, and a string for a size fails deep inside torch."""
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        default, value = param.default, settings.get(name)
+        if name not in settings or default is inspect.Parameter.empty or default is None or value is None:
+            continue
+        want, got = _json_type(default), _json_type(value)
+        if {want, got} == {"a number", "a list"}:
+            continue  # many classes take one size for every block, or one per block
+        items = {_json_type(v) for v in default} if isinstance(default, list | tuple) else set()
+        if got != want or (len(items) == 1 and any(_json_type(v) not in items for v in value)):
+            raise BadInput(f"{config}: {name} must be {want}{f' of {_PLURAL[items.pop()]}' if len(items) == 1 else ''}"
+                           f" (such as {json.dumps(default)}), got {json.dumps(value)[:60]}: replace it with the"
+                           " model's config.json")
+
+
+_PLURAL = {"true or false": "true/false values", "a number": "numbers", "a string": "strings", "a list": "lists",
+           "an object": "objects", "null": "nulls"}
+
+
+def _json_type(value) -> str:
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "a string", list: "a list", tuple: "a list", dict: "an object"}.get(type(value), "null")
 
 
 def _from_single_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
@@ -143,6 +191,8 @@ def _from_single_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
         _check_single_file(path, tmp)
         try:
             model = AutoencoderKLWan.from_single_file(str(path), config=tmp, torch_dtype=dtype, local_files_only=True)
+        except pickle.UnpicklingError as e:
+            raise refused_pickle(path, e, _CHECKPOINT_FIX) from None
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             raise BadInput(f"could not load {path} as a Wan VAE checkpoint: {_first_line(e)}") from None
     check_weights(model, str(path))
@@ -173,6 +223,8 @@ def _check_single_file(path: Path, config_dir: str) -> None:
         if found.keys() != expected.keys():  # not diffusers' names: map them as from_single_file would
             convert = SINGLE_FILE_LOADABLE_CLASSES["AutoencoderKLWan"]["checkpoint_mapping_fn"]
             found = convert(config=dict(model.config), checkpoint=found)
+    except pickle.UnpicklingError as e:
+        raise refused_pickle(path, e, _CHECKPOINT_FIX) from None
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same user error
         raise BadInput(f"could not read {path} as a checkpoint: {_first_line(e)}") from None
     shared = expected.keys() & found.keys()
@@ -237,6 +289,8 @@ def _checkpoint_z_dim(path: Path) -> int:
             for name, tensor in state.items():
                 if name.endswith(keys) and _is_post_quant(list(tensor.shape)):
                     return int(tensor.shape[0])
+    except pickle.UnpicklingError as e:
+        raise refused_pickle(path, e, _CHECKPOINT_FIX) from None
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same user error
         raise BadInput(f"could not read {path} as a checkpoint: {e}") from None
     raise BadInput(f"{path} does not look like a Wan VAE checkpoint (no post-quant conv found): pass a diffusers"
