@@ -197,10 +197,15 @@ class Clip:
                    for st, c, frames, halo in self.shape.caches)
 
     def activation_bytes(self, s: Slab, chunk: int) -> int:
-        last = len(self.shape.ops) - 1
-        width = self.width * math.prod(self.shape.ups())
-        return int(self.activation_maps * self.shape.channels[last] * s.out_height() * width
-                   * self.shape.frames[last] * chunk * self.itemsize)
+        """The widest stage's live activations: its slab (rows x columns x frames) at its widest channels."""
+        heights, ups, most = s.heights(), self.shape.ups(), 0
+        for stage, rows in enumerate(heights):
+            width = self.width * math.prod(ups[:stage])
+            most = max(most, self.shape.channels[stage] * rows * width * self.shape.frames[stage])
+        last = len(heights) - 1  # (the last stage at its output resolution: its upsampled rows)
+        out = self.width * math.prod(ups)
+        most = max(most, self.shape.channels[last] * s.out_height() * out * self.shape.frames[last])
+        return int(self.activation_maps * most * chunk * self.itemsize)
 
     def head_bytes(self, frames: int) -> int:
         return self.shape.head_channels * self.height * self.width * frames * self.itemsize

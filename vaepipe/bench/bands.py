@@ -35,10 +35,12 @@ HOST_WINDOW = 4
 
 
 def band_table(vae: LoadedVae, latents: torch.Tensor, counts: list[int], runs: int, reporter: Reporter, *,
-               diffusers: list[int] | None = None) -> list[dict]:
+               diffusers: list[int] | None = None, truth: str | None = None) -> list[dict]:
     """The rows above for normalised `latents` [1, C, T, h, w]; diffusers' rows for band counts `diffusers` (None:
-    `counts`; []: none, nor enable_tiling)."""
+    `counts`; []: none, nor enable_tiling). `truth`: the VAE's source, to give every row its PSNR (uint8) against
+    the frames of an fp32 decode with fp32 weights."""
     device = vae.device
+    truth_frames = _truth(truth, latents, vae) if truth else None
     with torch.inference_mode():
         z, _ = vae.family.prepare(vae.model, latents, denormalize=True, settings=DecodeSettings())
         h, w = z.shape[3] * vae.family.spatial_factor(vae.model), z.shape[4] * vae.family.spatial_factor(vae.model)
@@ -57,6 +59,8 @@ def band_table(vae: LoadedVae, latents: torch.Tensor, counts: list[int], runs: i
                 row.update(_frames_against(out, want))
             if video is not None:
                 row["psnr_db"] = _psnr(video(), want_video)
+            if truth_frames is not None:
+                row["psnr_fp32_db"] = _psnr(out.float() / 127.5, truth_frames.float() / 127.5)
             reporter.log(f"bands: {row}")
             rows.append(row)
 
@@ -73,6 +77,11 @@ def band_table(vae: LoadedVae, latents: torch.Tensor, counts: list[int], runs: i
         clip = band_clip(vae, tuple(z.shape), (h, w, 3), options, engine=True)
         add("engine", engine_lane(None), None)
         want = out.clone()
+        engine.ctx.tune = False  # whole frames with cuDNN's untimed choices, as the bands run: what differs
+        engine_lane(None)()
+        engine.ctx.tune = True
+        untuned = out.clone()
+        rows[-1]["untuned_equal"] = _frames_against(untuned, want)["uint8_equal"]
         for count in counts:
             for caches in ("device", "host"):
                 if count == 1:
@@ -80,7 +89,8 @@ def band_table(vae: LoadedVae, latents: torch.Tensor, counts: list[int], runs: i
                 plan = banding.plan(clip, bands=count, caches=caches, window=HOST_WINDOW if caches == "host" else None,
                                     chunk=engine.chunk_for(*z.shape[3:]))
                 add(f"engine {count} {caches}", engine_lane(plan), want, plan)
-        del want
+                rows[-1]["untuned_equal"] = _frames_against(out, untuned)["uint8_equal"]
+        del want, untuned
         if diffusers == []:
             return rows
         whole = torch.cat(list(_diffusers_pieces(vae, z)), dim=2)
@@ -114,6 +124,19 @@ def band_table(vae: LoadedVae, latents: torch.Tensor, counts: list[int], runs: i
         finally:
             model.disable_tiling()
     return rows
+
+
+def _truth(src: str, latents: torch.Tensor, vae: LoadedVae) -> torch.Tensor:
+    """uint8 frames of diffusers' fp32 decode with fp32 weights (the truth bf16 decoders are measured against)."""
+    from ..vae import load_vae
+
+    with torch.inference_mode():
+        ref = load_vae(src, dtype=torch.float32, device=vae.device)
+        z, _ = ref.family.prepare(ref.model, latents, denormalize=True, settings=DecodeSettings())
+        video = torch.cat(list(_diffusers_pieces(ref, z)), dim=2)
+        frames = torch.empty((video.shape[2], *video.shape[3:], 3), dtype=torch.uint8, device=video.device)
+        to_uint8_frames(video, frames)
+    return frames
 
 
 def _diffusers_pieces(vae: LoadedVae, z: torch.Tensor):
@@ -163,10 +186,12 @@ def _sync(device: torch.device) -> None:
 
 def markdown(rows: list[dict]) -> str:
     """The table for docs/benchmarks.md."""
-    lines = ["| decoder | bands | caches | window | median s | first s | peak GiB | model GiB | uint8 equal | "
-             "max levels | PSNR dB |", "|---" * 11 + "|"]
+    lines = ["| decoder | bands | caches | window | median s | first s | peak GiB | first-call peak | model GiB | "
+             "uint8 equal | max levels | equal untuned | PSNR dB | PSNR vs fp32 |", "|---" * 14 + "|"]
     for r in rows:
         lines.append(f"| {r['decoder']} | {r.get('bands', '')} | {r.get('caches', '')} | {r.get('window', '')} | "
-                     f"{r['median_s']} | {r['first_call_s']} | {r['peak_gib']} | {r.get('model_gib', '')} | "
-                     f"{r.get('uint8_equal', '')} | {r.get('max_levels', '')} | {r.get('psnr_db', '')} |")
+                     f"{r['median_s']} | {r['first_call_s']} | {r['peak_gib']} | {r['first_peak_gib']} | "
+                     f"{r.get('model_gib', '')} | {r.get('uint8_equal', '')} | {r.get('max_levels', '')} | "
+                     f"{r.get('untuned_equal', '')} | "
+                     f"{r.get('psnr_db', '')} | {r.get('psnr_fp32_db', '')} |")
     return "\n".join(lines)

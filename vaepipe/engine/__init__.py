@@ -166,8 +166,12 @@ class Engine:
         x = self.vae.post_quant_conv(z)
         self.decoder.setup(h, w, plan.chunk, tail=False)
         scale = self.vae.config.get("scale_factor_spatial") or 8
-        yield from bands.stream(_Tail(self), x, plan, width=w * scale,
-                                temporal=self.vae.config.get("scale_factor_temporal") or 4)
+        self.ctx.tune = False
+        try:
+            yield from bands.stream(_Tail(self), x, plan, width=w * scale,
+                                    temporal=self.vae.config.get("scale_factor_temporal") or 4)
+        finally:
+            self.ctx.tune = True
 
     def _timed(self, call):
         """(seconds, result) of call(), the GPU's work included."""
