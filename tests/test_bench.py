@@ -247,3 +247,28 @@ def test_natural_content_without_scikit_image_is_one_sentence(tmp_path, monkeypa
                                  "--out", str(tmp_path / "b")])
     message = " ".join(result.output.split())
     assert result.exit_code == 2 and "pip install scikit-image" in message and "--content noise" in message
+
+
+def test_bench_modules_import_each_other_one_way_only():
+    """No import circle inside vaepipe/bench (options.py once took the mode names from modes.py, which took
+    BenchOptions back): every relative import, TYPE_CHECKING ones too, points down a tree."""
+    import ast
+    from pathlib import Path
+
+    import vaepipe.bench
+
+    folder = Path(vaepipe.bench.__file__).parent
+    imports = {}
+    for path in folder.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        tree = ast.parse(path.read_text())
+        imports[path.stem] = {alias.name if node.module is None else node.module.split(".")[0]
+                              for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1
+                              for alias in node.names}
+
+    def reaches(start: str, goal: str, seen: set) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in imports.get(start, ()))
+
+    circles = sorted(m for m in imports if reaches(m, m, {m}))
+    assert not circles, f"bench modules in an import circle: {circles}"

@@ -14,9 +14,17 @@ from ..families import PRESETS, synthetic_shape
 from ..latents import parse_size
 from ..runner import DEFAULT_FPS, DecodeOptions
 from .content import CONTENTS, photograph_folder
-from .modes import DEFAULT_MODES, MODES
 
+# The names live here, the jobs they run in modes.py (which reads the options): one way, no import circle.
+MODES = ("naive", "fastvae", "sync", "pipelined", "exact", "decode", "encode")
+DEFAULT_MODES = ("naive", "sync", "pipelined", "exact")
 DEFAULT_SHAPES = ("480x832x81", "720x1280x81")
+
+
+def default_modes(device: str | None) -> tuple[str, ...]:
+    """DEFAULT_MODES, and fastvae where it is installed and the bench runs on a GPU."""
+    gpu = device != "cpu" and torch.cuda.is_available()
+    return DEFAULT_MODES + (("fastvae",) if gpu and importlib.util.find_spec("fastvae") else ())
 
 
 @dataclass(kw_only=True, slots=True)
