@@ -26,11 +26,13 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("imageio") is None, rea
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     args = ["bench", "--device", "cpu", "--vae", "random:wan2.1-tiny", "--shape", SHAPE, "--runs", "2",
-            "--out", str(out), "--trace", "--content", "both", "--modes", ",".join(MODES),
+            "--out", str(out), "--trace", "--content", "both", "--modes", ",".join(MODES), "--json",
             *(["--plot"] if HAS_PLOT else [])]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    return out, json.loads((out / "bench.json").read_text()), result.output
+    report = json.loads((out / "bench.json").read_text())
+    assert json.loads(result.stdout) == report  # --json: bench.json's report on stdout, tables on stderr
+    return out, report, result.stderr
 
 
 def test_bench_reports_every_mode_with_its_measures(bench):
@@ -62,20 +64,22 @@ def test_bench_reports_every_mode_with_its_measures(bench):
     assert "pipelined" in output and "bench.json" in output  # the Rich table and where the files went
 
 
-def test_decoders_table_times_each_decoder_alone_and_says_which_is_exact(bench):
-    out, report, _ = bench
+def test_decoders_table_on_the_cpu_shows_what_the_cpu_runs(bench):
+    """The CPU's decode lane runs vaepipe's stream of diffusers' decoder calls, never the engine (GPUs only)."""
+    out, report, output = bench
     table = report["decoders"][SHAPE]
     rows = table["rows"]
-    assert list(rows) == ["diffusers", "engine", "engine-exact"] and set(table["skipped"]) == {"fastvae",
-                                                                                                "fastvae-tuned"}
-    assert rows["diffusers"]["identical_to_diffusers"] and rows["engine-exact"]["identical_to_diffusers"]
+    assert list(rows) == ["diffusers", "stream"]
+    assert set(table["skipped"]) == {"engine", "engine-exact", "fastvae", "fastvae-tuned"}
+    assert "CUDA GPUs only" in table["skipped"]["engine"]
+    assert rows["diffusers"]["identical_to_diffusers"] and rows["stream"]["identical_to_diffusers"]
     for row in rows.values():
         assert 0 < row["min_s"] <= row["median_s"] <= row["max_s"] and row["first_call_s"] > 0
         assert row["speedup_vs_diffusers"] == pytest.approx(rows["diffusers"]["median_s"] / row["median_s"],
                                                             rel=1e-2)
-    assert rows["engine-exact"]["self_check_s"] > 0 and rows["engine"]["self_check_s"] is None
     md = (out / "bench.md").read_text()
-    assert f"## Decode lane alone, {SHAPE}" in md and "| engine-exact |" in md and "Left out: fastvae" in md
+    assert f"## Decode lane alone, {SHAPE}" in md and "| stream |" in md and "Left out: engine" in md
+    assert "engine-exact " not in output.split("decode lane alone")[-1]  # not a row of the terminal's table
 
 
 def test_gpu_targets_are_not_applicable_on_a_cpu(bench):
@@ -272,3 +276,40 @@ def test_bench_modules_import_each_other_one_way_only():
 
     circles = sorted(m for m in imports if reaches(m, m, {m}))
     assert not circles, f"bench modules in an import circle: {circles}"
+
+
+def test_bench_without_a_gpu_times_the_tiny_cpu_settings_not_full_size(tmp_path, monkeypatch):
+    import vaepipe.bench
+
+    timed = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(vaepipe.bench, "run_bench", lambda options, reporter: timed.append(options) or {})
+    monkeypatch.setattr(vaepipe.bench, "print_table", lambda report, reporter: None)
+    result = runner.invoke(app, ["bench", "--content", "noise", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (options,) = timed
+    assert (options.vae, options.shapes, options.runs) == ("random:wan2.1-tiny", ("48x80x17",), 3)
+    assert "no GPU: timing small CPU settings" in " ".join(result.output.split())
+    result = runner.invoke(app, ["bench", "--vae", "random:ltx-tiny", "--runs", "1", "--content", "noise",
+                                 "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (timed[-1].vae, timed[-1].shapes, timed[-1].runs) == ("random:ltx-tiny", ("192x320x33",), 1)
+    result = runner.invoke(app, ["bench", "--shape", "48x80x9", "--content", "noise", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (timed[-1].vae, timed[-1].shapes, timed[-1].runs) == ("random:wan2.1", ("48x80x9",), 5)  # as asked
+
+
+def test_bench_of_a_vae_folder_without_a_gpu_or_shape_is_refused_with_the_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = runner.invoke(app, ["bench", "--vae", str(tmp_path), "--out", str(tmp_path / "bench")])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "take hours on the CPU" in message and "--shape" in message
+    assert "vaepipe bench --device cpu --vae random:wan2.1-tiny --shape 48x80x17 --runs 3" in message
+    assert not (tmp_path / "bench").exists()
+
+
+def test_bench_defaults_on_a_gpu_are_the_released_sizes():
+    from vaepipe.bench import bench_defaults
+
+    assert bench_defaults("cuda", None, None, None) == ("random:wan2.1", ("480x832x81", "720x1280x81"), 5, None)

@@ -336,11 +336,14 @@ def info(json_out: Json = False) -> None:
 
 @app.command()
 def bench(
-    vae: Annotated[str, typer.Option(help="VAE to time (as for decode).")] = "random:wan2.1",
-    shape: Annotated[str, typer.Option(help="Comma-separated HEIGHTxWIDTHxFRAMES sizes; synthetic latents.")]
-    = "480x832x81,720x1280x81",
+    vae: Annotated[str | None, typer.Option(help="VAE to time (as for decode). Default: random:wan2.1; "
+                                                 "without a GPU random:wan2.1-tiny.")] = None,
+    shape: Annotated[str | None, typer.Option(help="Comma-separated HEIGHTxWIDTHxFRAMES sizes; synthetic latents. "
+                                                   "Default: 480x832x81,720x1280x81; without a GPU a small size "
+                                                   "(48x80x17 for Wan).")] = None,
     dtype: Dtype = None, device: Device = None,
-    runs: Annotated[int, typer.Option(help="Timed runs per mode and shape, after one warm-up.")] = 5,
+    runs: Annotated[int | None, typer.Option(help="Timed runs per mode and shape, after one warm-up (default: 5; "
+                                                  "3 at the small CPU settings).")] = None,
     modes: Annotated[str | None, typer.Option(help="Comma-separated: naive (diffusers as users call it), fastvae "
                                                    "(that path with fastvae's decoder), sync, pipelined (the "
                                                    "default decode), exact (--exact); decode or encode time one "
@@ -368,16 +371,18 @@ def bench(
                                                              "an fp32 decode with fp32 weights.")] = False,
     encoders: Annotated[str, typer.Option(help="Comma-separated --encoders values to compare, such as 1,auto; "
                                                "each its own table.")] = "auto",
-    quiet: Quiet = False,
+    json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Time naive diffusers, fastvae, sync, pipelined and exact decoding to video on the same latents, in one
     process, and each decoder's decode lane alone."""
-    from .bench import BenchOptions, default_modes, print_table, run_bench
+    from .bench import BenchOptions, bench_defaults, default_modes, print_table, run_bench
 
-    reporter = Reporter(quiet=quiet)
+    reporter = Reporter(quiet=quiet, as_json=json_out)
     try:
-        options = BenchOptions(vae=vae, shapes=tuple(s.strip() for s in shape.split(",") if s.strip()),
-                               dtype=dtype, device=device, runs=runs,
+        vae, shapes, runs, note = bench_defaults(device, vae, shape, runs)
+        if note:
+            reporter.log(note)
+        options = BenchOptions(vae=vae, shapes=shapes, dtype=dtype, device=device, runs=runs,
                                modes=tuple(m.strip() for m in modes.split(",") if m.strip()) if modes is not None
                                else default_modes(device), chunk=chunk,
                                buffers=buffers, out=out, trace=trace, plot=plot, profile=profile, crf=crf,
@@ -389,6 +394,8 @@ def bench(
         raise fail(e, reporter) from None
     print_table(report, reporter)
     reporter.log(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
 
 
 def main() -> None:

@@ -18,11 +18,11 @@ and bench.md; `--trace` writes one Chrome/Perfetto trace per shape and mode, `--
 """
 
 from .measure import Sample, busy_fraction, kernel_utilization, profiled_utilization
-from .options import MODES, BenchOptions, Shape, default_modes
+from .options import MODES, BenchOptions, Shape, bench_defaults, default_modes
 from .plot import chrome_trace, plot_timeline
 from .report import markdown, memory_check, print_table
 from .run import run_bench
 
-__all__ = ["MODES", "BenchOptions", "Sample", "Shape", "busy_fraction", "chrome_trace", "default_modes",
-           "kernel_utilization", "markdown", "memory_check", "plot_timeline", "print_table", "profiled_utilization",
-           "run_bench"]
+__all__ = ["MODES", "BenchOptions", "Sample", "Shape", "bench_defaults", "busy_fraction", "chrome_trace",
+           "default_modes", "kernel_utilization", "markdown", "memory_check", "plot_timeline", "print_table",
+           "profiled_utilization", "run_bench"]
