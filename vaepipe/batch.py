@@ -462,6 +462,7 @@ class BatchRun:
             eta = (time.perf_counter() - self._t_first) / processed * (len(self.jobs) - finished)
             detail += f" · ETA {timedelta(seconds=round(eta))}"
         self.reporter.progress.update(self._row, completed=finished, detail=detail)
+        self.reporter.tick(force=finished == len(self.jobs))
 
     def _summary(self, wall_s: float) -> dict:
         c = self.counts

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
@@ -21,23 +25,71 @@ class _RateColumn(ProgressColumn):
         return Text(f"{task.completed / task.elapsed:.1f} {unit}", style="progress.data.speed")
 
 
-class Reporter:
-    """Everything vaepipe tells the user. `quiet`: errors only; `as_json`: the summary goes to stdout as JSON."""
+PLAIN_INTERVAL_S = 5.0
+"""Where stderr is not a terminal (a log file, CI, Slurm): a plain progress line this often, and one at the end."""
 
-    def __init__(self, *, quiet: bool = False, as_json: bool = False, console: Console | None = None):
+
+class Reporter:
+    """Everything vaepipe tells the user. `quiet`: errors only; `as_json`: the summary goes to stdout as JSON.
+
+    On a terminal the rows are Rich bars, redrawn in place. Elsewhere bars would stay silent until the end (Rich
+    draws a live display only on a terminal), so the rows are kept but not drawn, and `tick` prints them as one
+    plain line every `interval` seconds of `clock` and once when they are complete."""
+
+    def __init__(self, *, quiet: bool = False, as_json: bool = False, console: Console | None = None,
+                 interval: float = PLAIN_INTERVAL_S, clock: Callable[[], float] = time.monotonic):
         self.quiet, self.as_json = quiet, as_json
         self.console = console or Console(stderr=True, quiet=quiet)
+        self.plain = not quiet and not self.console.is_terminal
         self.progress = Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(),
                                  _RateColumn(), TimeElapsedColumn(), console=self.console, transient=False,
-                                 disable=quiet)
+                                 disable=quiet or self.plain, get_time=clock)
         self._rows: _LaneRows | None = None
+        self._interval, self._clock = interval, clock
+        self._lock = threading.Lock()
+        self._last_at: float | None = None
+        self._last_line = ""
 
     def __enter__(self) -> Reporter:
+        self._last_at = self._clock()
         self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.tick(force=True)  # where it stopped, if that was not said yet
         self.progress.stop()
+
+    def tick(self, *, force: bool = False) -> None:
+        """Plain mode: print the rows as one line if `interval` has passed since the last one (or `force`)."""
+        if not self.plain:
+            return
+        with self._lock:
+            now = self._clock()
+            if self._last_at is None:
+                self._last_at = now  # rows used outside `with`: the first line after one interval
+            if not force and now - self._last_at < self._interval:
+                return
+            line = self._plain_line()
+            if not line or line == self._last_line:
+                return
+            self._last_at, self._last_line = now, line
+        self.console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    def _plain_line(self) -> str:
+        parts = []
+        for task in self.progress.tasks:
+            if task.total is None:
+                continue
+            part = f"{task.description} {task.completed:g}/{task.total:g}"
+            if task.elapsed and task.completed:
+                part += f" {task.completed / task.elapsed:.1f} {task.fields.get('unit', 'fps')}"
+            if task.fields.get("detail"):
+                part += f" ({task.fields['detail']})"
+            parts.append(part)
+        if not parts:
+            return ""
+        elapsed = max((t.elapsed or 0.0 for t in self.progress.tasks), default=0.0)
+        return f"progress [{timedelta(seconds=round(elapsed))}] " + " · ".join(parts)
 
     def log(self, message: str, *, markup: bool = False) -> None:
         """A line above the bars (bars stay intact). `markup`: the message is Rich markup (escape what it quotes)."""
@@ -47,7 +99,7 @@ class Reporter:
     def lanes(self, total_frames: int) -> _LaneRows:
         """The lane rows, reset for a new output (created on first use, then reused so rows stay in place)."""
         if self._rows is None:
-            self._rows = _LaneRows(self.progress)
+            self._rows = _LaneRows(self)
         self._rows.reset(total_frames)
         return self._rows
 
@@ -74,9 +126,9 @@ class Reporter:
 
 
 class _LaneRows:
-    def __init__(self, progress: Progress):
-        self.progress = progress
-        self.tasks = {lane: progress.add_task(lane, total=None) for lane in LANES}
+    def __init__(self, reporter: Reporter):
+        self.reporter, self.progress = reporter, reporter.progress
+        self.tasks = {lane: self.progress.add_task(lane, total=None) for lane in LANES}
 
     def reset(self, total: int) -> None:
         for task in self.tasks.values():
@@ -84,6 +136,7 @@ class _LaneRows:
 
     def advance(self, lane: str, frames: int) -> None:
         self.progress.advance(self.tasks[lane], frames)
+        self.reporter.tick(force=self.progress.finished)
 
 
 def _size(n: int) -> str:
