@@ -86,6 +86,27 @@ def test_a_bad_job_fails_alone_and_good_outputs_equal_single_decodes(tmp_path):
     assert summary["wall_after_load_s"] == pytest.approx(summary["wall_s"] - summary["load_s"], abs=1e-3)
 
 
+def test_start_up_is_accounted_to_the_first_job_and_an_all_skipped_rerun_says_nothing_to_do(tmp_path):
+    path = make_batch(tmp_path, 3)
+    code, summary, output = batch(str(path))
+    assert code == 0, output
+    first, *rest = summary["results"]
+    assert summary["first_job"] == {"job": first["job"], "status": "done", "wall_s": first["timings"]["wall_s"],
+                                    "decode_busy_s": first["timings"]["busy_s"]["decode"]}
+    steady = summary["after_first_job"]
+    assert steady["decode_busy_s"] == pytest.approx(sum(r["timings"]["busy_s"]["decode"] for r in rest), abs=1e-3)
+    assert 0 < steady["wall_s"] < summary["wall_after_load_s"]
+    assert steady["decode_busy_ratio"] == pytest.approx(steady["decode_busy_s"] / steady["wall_s"], abs=1e-3)
+    assert "after the first job" in " ".join(output.split())
+
+    code, summary, output = batch(str(path))
+    assert code == 0 and summary["nothing_to_do"] and summary["jobs"]["skipped"] == 3
+    assert summary["decode_busy_ratio"] is None and summary["after_first_job"] is None
+    text = " ".join(output.split())
+    assert "nothing to do: all 3 jobs are done" in text
+    assert "jobs/s" not in text and "busy 0.0" not in text  # no rate or utilisation of work never done
+
+
 def test_rerun_skips_done_jobs_and_redoes_tampered_changed_or_overwritten_ones(tmp_path):
     path = make_batch(tmp_path, 3)
     assert batch(str(path))[0] == 0

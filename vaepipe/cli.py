@@ -265,10 +265,21 @@ def _print_batch(summary: dict, reporter: Reporter) -> None:
     jobs = summary["jobs"]
     ratio = summary["decode_busy_ratio"]
     console = reporter.progress.console
+    if summary.get("nothing_to_do"):
+        console.print(f"nothing to do: {'all ' if jobs['total'] > 1 else ''}{jobs['total']} job"
+                      f"{'s are' if jobs['total'] != 1 else ' is'} done (manifest and SHA-256 agree; --overwrite"
+                      " redoes them)" if jobs["total"] else "nothing to do: no jobs in this share", highlight=False)
+        console.print(f"manifest: {summary['manifest']}", highlight=False)
+        return
     console.print(f"{jobs['done']} done, {jobs['failed']} failed, {jobs['skipped']} skipped of {jobs['total']} jobs;"
                   f" {summary['frames']} frames in {summary['wall_after_load_s']:.2f} s after {summary['load_s']:.2f}"
                   f" s of model load; decode lane busy {'–' if ratio is None else f'{ratio:.1%}'} of that",
                   highlight=False)
+    first, steady = summary.get("first_job"), summary.get("after_first_job")
+    if first and steady and steady["decode_busy_ratio"] is not None:
+        console.print(f"after the first job ({first['wall_s']:.2f} s with the start-up: imports, first calls,"
+                      f" buffers): decode lane busy {steady['decode_busy_ratio']:.1%} of {steady['wall_s']:.2f} s",
+                      highlight=False)
     console.print(f"manifest: {summary['manifest']}", highlight=False)
 
 

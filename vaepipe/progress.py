@@ -20,9 +20,10 @@ from .pipeline import LANES
 class _RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
         unit = task.fields.get("unit", "fps")
-        if not task.elapsed or not task.completed:
+        rated = task.fields.get("rated", task.completed)  # the batch row: jobs that ran, not skipped ones
+        if not task.elapsed or not rated:
             return Text(f"– {unit}", style="progress.data.speed")
-        return Text(f"{task.completed / task.elapsed:.1f} {unit}", style="progress.data.speed")
+        return Text(f"{rated / task.elapsed:.1f} {unit}", style="progress.data.speed")
 
 
 PLAIN_INTERVAL_S = 5.0
@@ -48,7 +49,7 @@ class Reporter:
         self._interval, self._clock = interval, clock
         self._lock = threading.Lock()
         self._last_at: float | None = None
-        self._last_line = ""
+        self._last_counts: list = []
 
     def __enter__(self) -> Reporter:
         self._last_at = self._clock()
@@ -69,10 +70,11 @@ class Reporter:
                 self._last_at = now  # rows used outside `with`: the first line after one interval
             if not force and now - self._last_at < self._interval:
                 return
-            line = self._plain_line()
-            if not line or line == self._last_line:
+            counts = [(t.description, t.completed, t.total) for t in self.progress.tasks if t.total is not None]
+            if not counts or counts == self._last_counts:  # nothing moved since the last line
                 return
-            self._last_at, self._last_line = now, line
+            self._last_at, self._last_counts = now, counts
+            line = self._plain_line()
         self.console.print(line, highlight=False, markup=False, soft_wrap=True)
 
     def _plain_line(self) -> str:
@@ -81,13 +83,12 @@ class Reporter:
             if task.total is None:
                 continue
             part = f"{task.description} {task.completed:g}/{task.total:g}"
-            if task.elapsed and task.completed:
-                part += f" {task.completed / task.elapsed:.1f} {task.fields.get('unit', 'fps')}"
+            rated = task.fields.get("rated", task.completed)
+            if task.elapsed and rated:
+                part += f" {rated / task.elapsed:.1f} {task.fields.get('unit', 'fps')}"
             if task.fields.get("detail"):
                 part += f" ({task.fields['detail']})"
             parts.append(part)
-        if not parts:
-            return ""
         elapsed = max((t.elapsed or 0.0 for t in self.progress.tasks), default=0.0)
         return f"progress [{timedelta(seconds=round(elapsed))}] " + " · ".join(parts)
 
