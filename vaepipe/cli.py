@@ -285,9 +285,14 @@ def _print_batch(summary: dict, reporter: Reporter) -> None:
 
 @app.command("make-latents")
 def make_latents(
-    output: Annotated[Path, typer.Argument(help="Where to write the latents (.pt, .safetensors or .npy).")],
+    output: Annotated[Path, typer.Argument(help="Where to write the latents (.pt, .safetensors, .npy, or .latent "
+                                                "as ComfyUI's SaveLatent writes them, for Wan).")],
     size: Annotated[str, typer.Option(help="Video size the latents decode to: HEIGHTxWIDTHxFRAMES.")] = "480x832x81",
-    channels: Annotated[int, typer.Option(help="Latent channels: 16 (Wan 2.1) or 48 (Wan 2.2).")] = 16,
+    vae: Annotated[str | None, typer.Option(help="The preset whose latents to make (its channels and compression): "
+                                                 "random:<family>[-tiny], as for decode. Default: Wan 2.1's, or "
+                                                 "Wan 2.2's with --channels 48.")] = None,
+    channels: Annotated[int | None, typer.Option(help="Latent channels without --vae: 16 (Wan 2.1) or 48 (Wan "
+                                                      "2.2).")] = None,
     batch: Annotated[int, typer.Option(help="Samples in the file.")] = 1,
     fps: Annotated[float, typer.Option(help="Frame rate stored with the latents.")] = 16.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -296,10 +301,11 @@ def make_latents(
     from .latents import write_synthetic
 
     try:
-        shape = write_synthetic(output, size=size, channels=channels, batch=batch, fps=fps, seed=seed)
+        shape = write_synthetic(output, size=size, channels=channels, vae=vae, batch=batch, fps=fps, seed=seed)
     except STOPS as e:
         raise fail(e) from None
-    typer.echo(f"wrote {output}: latents {list(shape)} at {fps:g} fps", err=True)
+    stored = "" if output.suffix.lower() == ".latent" else f" at {fps:g} fps"  # ComfyUI's files hold no fps
+    typer.echo(f"wrote {output}: latents {list(shape)}{stored}", err=True)
 
 
 @app.command()
