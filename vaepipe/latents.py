@@ -320,10 +320,14 @@ def _checked(t: torch.Tensor, path: Path) -> torch.Tensor:
 
 
 def check_for_vae(latents: Latents, z_dim: int) -> None:
+    from .families import vaes_with
+
     channels = latents.tensor.shape[1]
     if channels != z_dim:
+        fits = vaes_with(channels)
         raise BadInput(f"{str(latents.path)!r}: latents have {channels} channels but the VAE expects {z_dim}"
-                       f" (z_dim); pass the matching --vae")
+                       f" (z_dim); pass the matching --vae"
+                       + (f": {channels} channels are those of {fits}" if fits else ""))
 
 
 def denormalize(z: torch.Tensor, config) -> torch.Tensor:
