@@ -117,8 +117,11 @@ def test_rerun_skips_done_jobs_and_redoes_tampered_changed_or_overwritten_ones(t
     with open(tmp_path / "out" / "clip1.mp4", "ab") as f:
         f.write(b"\0")  # the hash no longer matches the manifest
     (tmp_path / "out" / "clip2.mp4").unlink()
-    _, summary, _ = batch(str(path))
+    result = CliRunner().invoke(app, ["batch", str(path), "--json"], env={"COLUMNS": "400"})  # a line per job
+    summary = json.loads(result.stdout)
     assert statuses(summary) == {"clip0.mp4": "skipped", "clip1.mp4": "done", "clip2.mp4": "done"}
+    replaced = [line for line in result.stderr.splitlines() if "replaced the file that was there" in line]
+    assert len(replaced) == 1 and "clip1.mp4" in replaced[0]  # clip2's place was empty
     _, summary, _ = batch(str(path), "--crf", "30")  # other settings: not the same output
     assert set(statuses(summary).values()) == {"done"}
     _, summary, _ = batch(str(path), "--crf", "30", "--overwrite")
@@ -130,6 +133,7 @@ def test_dry_run_lists_resolved_jobs_and_what_would_be_skipped_and_writes_nothin
     result = CliRunner().invoke(app, ["batch", str(path), "--dry-run", "--crf", "23"])
     assert result.exit_code == 0 and "3 to run, 0 to skip" in result.stdout and "crf=23" in result.stdout
     assert not (tmp_path / "out").exists() and not (tmp_path / "batch.manifest.jsonl").exists()
+    assert " fast=" not in result.stdout  # a retired alias that changes nothing is no setting to show
     assert batch(str(path), "--shard", "0/2")[0] == 0  # jobs 0 and 2
     _, plan, _ = batch(str(path), "--dry-run")
     assert [j["action"] for j in plan["jobs"]] == ["skip (done)", "run", "skip (done)"]

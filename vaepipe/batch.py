@@ -431,8 +431,10 @@ class BatchRun:
             else:
                 setattr(c, status, getattr(c, status) + 1)
         if status == "done":
+            replaced = "; replaced the file that was there" if any(o.get("replaced") for o in outputs) else ""
             self.reporter.log(f"[green]done[/] {escape(spec.name)} → {escape(str(spec.output))}"
-                              f" ({record['frames']} frames, {record['timings']['wall_s']:.2f} s)", markup=True)
+                              f" ({record['frames']} frames, {record['timings']['wall_s']:.2f} s{replaced})",
+                              markup=True)
         elif status == "failed":
             self._error(f"failed {spec.name} ({spec.latents}): {error}")
         self._update_row()
@@ -503,6 +505,10 @@ class BatchRun:
         }
 
 
+RETIRED = frozenset({"fast"})
+"""Old option names still read (with a notice) but changing nothing: not shown as a job's settings."""
+
+
 def dry_run(config: BatchConfig, options: BatchOptions, world: World) -> dict:
     """The resolved job list of this process's share, each marked run or skip; nothing is read but hashes."""
     manifest = Manifest(manifest_path(config, options), world.part)
@@ -512,7 +518,7 @@ def dry_run(config: BatchConfig, options: BatchOptions, world: World) -> dict:
         done = not options.overwrite and is_done(spec, records.get(str(spec.output)))
         jobs.append({"job": spec.name, "index": spec.index, "latents": str(spec.latents), "output": str(spec.output),
                      "action": "skip (done)" if done else "run",
-                     "options": {k: v for k, v in asdict(spec.decode).items() if v is not None}
+                     "options": {k: v for k, v in asdict(spec.decode).items() if v is not None and k not in RETIRED}
                      | {k: v for k, v in asdict(spec.encode).items() if v is not None}})
     return {"config": str(config.path), "manifest": str(manifest.path), "rank": world.rank,
             "world_size": world.size, "mode": world.how, "total_jobs": len(config.jobs), "jobs": jobs}

@@ -49,6 +49,8 @@ class LaneStats:
     """(lane, chunk, start, end) in seconds since the lanes started: the timeline a trace shows."""
     engine: dict | None = None
     """What the engine did (policy, latent frames per call, self-check time and fallbacks), when it decoded."""
+    replaced: bool = False
+    """The finished file took the place of one that was there (the rename is atomic; the old one is gone)."""
 
     @property
     def decode_utilization(self) -> float:

@@ -124,6 +124,9 @@ class Reporter:
                 f"({out['frames'] / out['wall_s']:.1f} fps), decode-lane utilization "
                 f"{out['decode_utilization']:.1%}; encoder drain after the last frame {out['encoder_drain_s']:.3f} s",
                 highlight=False)
+            if out.get("replaced"):
+                self.progress.console.print(f"replaced the file that was at {out['output']}", highlight=False,
+                                            markup=False)
 
 
 class _LaneRows:
