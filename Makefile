@@ -34,6 +34,9 @@ endif
 demo: install ## Decode synthetic latents with a random-weight VAE into demo/demo.mp4
 	$(BIN)/vaepipe make-latents demo/latents.pt --size $(DEMO_SIZE)
 	$(BIN)/vaepipe decode demo/latents.pt demo/demo.mp4 --vae $(DEMO_VAE)
+	@echo "demo/demo.mp4 is written. vaepipe is installed in $(VENV)/, not on your PATH: run it as"
+	@echo "  $(BIN)/vaepipe --help"
+	@echo "or activate the environment first (source $(BIN)/activate), then: vaepipe --help"
 
 test: install ## Run the test suite (GPU tests skip without CUDA)
 	$(BIN)/python -m pytest -q
