@@ -32,9 +32,12 @@ def bench(tmp_path_factory):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "bench.json").read_text())
     assert json.loads(result.stdout) == report  # --json: bench.json's report on stdout, tables on stderr
+    assert set(report) == {"vaepipe", "date", "command", "environment", "settings", "load_s", "results", "decoders",
+                           "memory", "encoders"}
     return out, report, result.stderr
 
 
+@pytest.mark.slow
 def test_bench_reports_every_mode_with_its_measures(bench):
     out, report, output = bench
     assert report["settings"]["dtype"] == "fp32" and report["settings"]["device"] == "cpu"
@@ -64,6 +67,7 @@ def test_bench_reports_every_mode_with_its_measures(bench):
     assert "pipelined" in output and "bench.json" in output  # the Rich table and where the files went
 
 
+@pytest.mark.slow
 def test_decoders_table_on_the_cpu_shows_what_the_cpu_runs(bench):
     """The CPU's decode lane runs vaepipe's stream of diffusers' decoder calls, never the engine (GPUs only)."""
     out, report, output = bench
@@ -82,6 +86,7 @@ def test_decoders_table_on_the_cpu_shows_what_the_cpu_runs(bench):
     assert "engine-exact " not in output.split("decode lane alone")[-1]  # not a row of the terminal's table
 
 
+@pytest.mark.slow
 def test_gpu_targets_are_not_applicable_on_a_cpu(bench):
     out, report, output = bench
     assert report["environment"]["device"] == "CPU"
@@ -90,6 +95,7 @@ def test_gpu_targets_are_not_applicable_on_a_cpu(bench):
     assert "misses" not in output and "**no**" not in (out / "bench.md").read_text()
 
 
+@pytest.mark.slow
 def test_sync_and_pipelined_write_the_same_file_and_naive_the_same_frames(bench):
     out, report, _ = bench
     videos = {mode: out / "videos" / f"{SHAPE}-noise-eauto-{mode}.mp4" for mode in MODES}
@@ -104,6 +110,7 @@ def test_sync_and_pipelined_write_the_same_file_and_naive_the_same_frames(bench)
     assert nearest == list(range(9))
 
 
+@pytest.mark.slow
 def test_trace_has_one_track_per_lane_and_a_span_per_chunk(bench):
     out, _, _ = bench
     for mode, lanes in {"pipelined": ("decode", "copy", "encode"), "sync": ("decode", "copy", "encode"),
@@ -122,6 +129,7 @@ def test_trace_has_one_track_per_lane_and_a_span_per_chunk(bench):
             assert [e["name"] for e in by_lane["decode"]] == ["decode chunk 0", "decode chunk 1", "decode chunk 2"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_PLOT, reason="--plot needs matplotlib")
 def test_plot_writes_a_png_timeline(bench):
     out, report, _ = bench
@@ -185,6 +193,7 @@ def test_bad_options_exit_2_with_the_fix(tmp_path, option, value, message):
     assert not (out / "bench.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("preset", "shape", "frames"), [("random:hunyuanvideo-tiny", "16x24x21", 21),
                                                          ("random:ltx-tiny", "64x96x17", 17)])
 def test_bench_times_other_families(tmp_path, preset, shape, frames):
@@ -199,6 +208,7 @@ def test_bench_times_other_families(tmp_path, preset, shape, frames):
     assert len(read_video(videos["naive"])) == len(read_video(videos["pipelined"])) == frames  # naive pads to 16 px
 
 
+@pytest.mark.slow
 def test_natural_content_goes_to_the_encoder_while_the_lanes_decode_for_real(bench):
     out, report, _ = bench
     natural, noise = (r["modes"] for r in report["results"])
