@@ -13,10 +13,10 @@ DEMO_SIZE ?= $(if $(HAS_GPU),480x832x81,240x416x33)
 CONFIG ?= configs/demo-cpu.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint bench batch clean
+.PHONY: help install demo test test-quick lint bench batch clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 install: $(VENV)/.installed ## Create .venv and install vaepipe with its test tools
 
@@ -34,9 +34,15 @@ endif
 demo: install ## Decode synthetic latents with a random-weight VAE into demo/demo.mp4
 	$(BIN)/vaepipe make-latents demo/latents.pt --size $(DEMO_SIZE)
 	$(BIN)/vaepipe decode demo/latents.pt demo/demo.mp4 --vae $(DEMO_VAE)
+	@echo "demo/demo.mp4 is written. vaepipe is installed in $(VENV)/, not on your PATH: run it as"
+	@echo "  $(BIN)/vaepipe --help"
+	@echo "or activate the environment first (source $(BIN)/activate), then: vaepipe --help"
 
-test: install ## Run the test suite (GPU tests skip without CUDA)
+test: install ## Run the whole test suite, as CI does (GPU tests skip without CUDA)
 	$(BIN)/python -m pytest -q
+
+test-quick: install ## The tests not marked slow: minutes less on a small CPU (README: what they leave out)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install ## ruff on the package and the tests
 	$(BIN)/ruff check vaepipe tests

@@ -1,7 +1,9 @@
 """Generate clips with a diffusers Wan pipeline and write them with vaepipe, on the pipeline's own VAE.
 
-    python examples/diffusers_wan.py --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompt "a cat surfing" --clips 3
-    python examples/diffusers_wan.py --tiny --out demo/api     # CPU, no download: a tiny random-weight pipeline
+    .venv/bin/python examples/diffusers_wan.py --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompt "a cat" --clips 3
+    .venv/bin/python examples/diffusers_wan.py --tiny --out demo/api  # CPU, no download: a tiny random pipeline
+
+(.venv is what `make install` or `make demo` builds; with it activated, plain `python` does.)
 
 Each clip's frames go through vaepipe's lanes as soon as the pipeline hands back its latents; `wait=False` lets the
 next clip generate while ffmpeg finishes the last one. The files equal, byte for byte, what `vaepipe decode` writes

@@ -1,8 +1,10 @@
 """Clips in a loop through one Exporter, as a generation script would write them: how busy the decode lane stays
 once the first clip is done (issue 8's target: at least 90 % on an H100, random:wan2.1 at 480x832x81).
 
-    PYTHONPATH=. python3 examples/exporter_loop.py --out bench/loop                   # GPU: 10 clips, 480x832x81
-    PYTHONPATH=. python3 examples/exporter_loop.py --device cpu --vae random:wan2.1-tiny --size 48x80x17 --clips 3
+    .venv/bin/python examples/exporter_loop.py --out bench/loop                       # GPU: 10 clips, 480x832x81
+    .venv/bin/python examples/exporter_loop.py --device cpu --vae random:wan2.1-tiny --size 48x80x17 --clips 3
+
+(.venv is what `make install` or `make demo` builds, with vaepipe installed in it.)
 
 Each clip goes in with `wait=False`, so its encoder finishes while the next one decodes. The figure is the decode
 lane's busy time over clips 2..N divided by the wall time from the end of clip 1's decode to the last file in place

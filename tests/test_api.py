@@ -43,6 +43,7 @@ def generate(pipe, seed: int, output_type: str, prompt: str = "a cat surfing"):
                 width=48, num_frames=9, num_inference_steps=2, max_sequence_length=16)
 
 
+@pytest.mark.slow
 def test_a_wan_pipelines_latents_give_the_pipelines_own_frames_byte_for_byte(tmp_path, example):
     pipe = example.tiny_pipeline()
     latents = generate(pipe, 3, "latent").frames
@@ -52,6 +53,7 @@ def test_a_wan_pipelines_latents_give_the_pipelines_own_frames_byte_for_byte(tmp
     assert np.array_equal(read_video(tmp_path / "out.mkv"), want)
 
 
+@pytest.mark.slow
 def test_the_example_writes_what_the_cli_writes_for_the_same_latents_byte_for_byte(tmp_path, example):
     outputs = example.main(["--tiny", "--clips", "2", "--seed", "5", "--out", str(tmp_path / "api")])
     pipe = example.tiny_pipeline()
@@ -65,6 +67,7 @@ def test_the_example_writes_what_the_cli_writes_for_the_same_latents_byte_for_by
     assert outputs[0].read_bytes() != outputs[1].read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 3])
 def test_api_and_cli_write_the_same_bytes_with_audio_and_tags(tmp_path, batch):
     from vaepipe.encode import ffmpeg_exe

@@ -54,6 +54,7 @@ def test_wrong_channels_names_the_vae(tmp_path):
     torch.save(torch.randn(48, 2, 3, 3), tmp_path / "lat.pt")
     message = refused(tmp_path, tmp_path / "lat.pt")
     assert "48 channels but the VAE expects 16" in message and "--vae" in message
+    assert "48 channels are those of Wan 2.1 / 2.2 (--vae random:wan2.2 or Wan-AI/Wan2.2-TI2V-5B-Diffusers)" in message
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -101,6 +102,19 @@ def test_uncached_hub_repo_names_the_fix(tmp_path, latents_file, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     message = refused(tmp_path, latents_file, "--vae", "nobody/no-such-vae")
     assert "not in the local Hugging Face cache" in message and "hf download" in message
+    assert "to try vaepipe without weights, --vae random:wan2.1-tiny" in message
+
+
+def test_default_vae_not_cached_offers_the_tiny_preset_of_its_width(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    torch.save(torch.randn(48, 2, 3, 3), tmp_path / "lat.pt")
+    result = runner.invoke(app, ["decode", str(tmp_path / "lat.pt"), str(tmp_path / "out.mp4"), "--device", "cpu"])
+    assert result.exit_code == 2 and not (tmp_path / "out.mp4").exists(), result.output
+    message = " ".join(result.output.split())  # no --vae: Wan 2.2's repo, for 48 channels
+    assert "Wan-AI/Wan2.2-TI2V-5B-Diffusers is not in the local Hugging Face cache" in message
+    assert "--vae random:wan2.2-tiny" in message
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -63,6 +63,7 @@ def leftovers(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*.part")]
 
 
+@pytest.mark.slow
 def test_a_bad_job_fails_alone_and_good_outputs_equal_single_decodes(tmp_path):
     path = make_batch(tmp_path, 3, bad={1})
     code, summary, output = batch(str(path))
@@ -86,6 +87,31 @@ def test_a_bad_job_fails_alone_and_good_outputs_equal_single_decodes(tmp_path):
     assert summary["wall_after_load_s"] == pytest.approx(summary["wall_s"] - summary["load_s"], abs=1e-3)
 
 
+def test_start_up_is_accounted_to_the_first_job_and_an_all_skipped_rerun_says_nothing_to_do(tmp_path):
+    path = make_batch(tmp_path, 3)
+    code, summary, output = batch(str(path))
+    assert code == 0, output
+    assert set(summary) == {"config", "manifest", "manifest_part", "rank", "world_size", "mode", "jobs", "frames",
+                            "load_s", "wall_s", "wall_after_load_s", "decode_busy_s", "decode_busy_ratio",
+                            "nothing_to_do", "first_job", "after_first_job", "results", "vaepipe"}
+    first, *rest = summary["results"]
+    assert summary["first_job"] == {"job": first["job"], "status": "done", "wall_s": first["timings"]["wall_s"],
+                                    "decode_busy_s": first["timings"]["busy_s"]["decode"]}
+    steady = summary["after_first_job"]
+    assert steady["decode_busy_s"] == pytest.approx(sum(r["timings"]["busy_s"]["decode"] for r in rest), abs=1e-3)
+    assert 0 < steady["wall_s"] < summary["wall_after_load_s"]
+    assert steady["decode_busy_ratio"] == pytest.approx(steady["decode_busy_s"] / steady["wall_s"], abs=1e-3)
+    assert "after the first job" in " ".join(output.split())
+
+    code, summary, output = batch(str(path))
+    assert code == 0 and summary["nothing_to_do"] and summary["jobs"]["skipped"] == 3
+    assert summary["decode_busy_ratio"] is None and summary["after_first_job"] is None
+    text = " ".join(output.split())
+    assert "nothing to do: all 3 jobs are done" in text
+    assert "jobs/s" not in text and "busy 0.0" not in text  # no rate or utilisation of work never done
+
+
+@pytest.mark.slow
 def test_rerun_skips_done_jobs_and_redoes_tampered_changed_or_overwritten_ones(tmp_path):
     path = make_batch(tmp_path, 3)
     assert batch(str(path))[0] == 0
@@ -96,8 +122,11 @@ def test_rerun_skips_done_jobs_and_redoes_tampered_changed_or_overwritten_ones(t
     with open(tmp_path / "out" / "clip1.mp4", "ab") as f:
         f.write(b"\0")  # the hash no longer matches the manifest
     (tmp_path / "out" / "clip2.mp4").unlink()
-    _, summary, _ = batch(str(path))
+    result = CliRunner().invoke(app, ["batch", str(path), "--json"], env={"COLUMNS": "400"})  # a line per job
+    summary = json.loads(result.stdout)
     assert statuses(summary) == {"clip0.mp4": "skipped", "clip1.mp4": "done", "clip2.mp4": "done"}
+    replaced = [line for line in result.stderr.splitlines() if "replaced the file that was there" in line]
+    assert len(replaced) == 1 and "clip1.mp4" in replaced[0]  # clip2's place was empty
     _, summary, _ = batch(str(path), "--crf", "30")  # other settings: not the same output
     assert set(statuses(summary).values()) == {"done"}
     _, summary, _ = batch(str(path), "--crf", "30", "--overwrite")
@@ -109,6 +138,7 @@ def test_dry_run_lists_resolved_jobs_and_what_would_be_skipped_and_writes_nothin
     result = CliRunner().invoke(app, ["batch", str(path), "--dry-run", "--crf", "23"])
     assert result.exit_code == 0 and "3 to run, 0 to skip" in result.stdout and "crf=23" in result.stdout
     assert not (tmp_path / "out").exists() and not (tmp_path / "batch.manifest.jsonl").exists()
+    assert " fast=" not in result.stdout  # a retired alias that changes nothing is no setting to show
     assert batch(str(path), "--shard", "0/2")[0] == 0  # jobs 0 and 2
     _, plan, _ = batch(str(path), "--dry-run")
     assert [j["action"] for j in plan["jobs"]] == ["skip (done)", "run", "skip (done)"]
@@ -141,6 +171,7 @@ def test_multi_sample_latents_record_every_output_and_resume(tmp_path):
     assert set(statuses(batch(str(path))[1]).values()) == {"skipped"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_mid_job_then_rerun_finishes_the_rest_and_redoes_nothing_done(tmp_path, signum):
     # Jobs of about a second each, so that the signal lands mid-batch and not as the process exits.
@@ -249,6 +280,7 @@ def test_torchrun_ranks_run_every_job_exactly_once_and_the_merged_manifest_resum
     assert len(lines) == 4 and {json.loads(line)["status"] for line in lines} == {"done"}
 
 
+@pytest.mark.slow
 def test_gpus_2_on_cpu_starts_workers_through_torchrun_and_rank_0_merges(tmp_path):
     path = make_batch(tmp_path, 3, bad={2})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -283,6 +315,7 @@ def test_bad_shard_and_gpus_without_gpus_are_bad_input(tmp_path):
         assert code == 2 and "--device cpu" in output
 
 
+@pytest.mark.slow
 def test_the_shipped_demo_config_runs_as_its_header_says(tmp_path):
     from vaepipe.latents import write_synthetic
 
@@ -302,6 +335,7 @@ def test_the_shipped_demo_config_runs_as_its_header_says(tmp_path):
         assert set(data) == {"defaults", "jobs"} and set(data["defaults"]) <= OPTION_KEYS.keys()
 
 
+@pytest.mark.slow
 def test_ctrl_c_twice_mid_batch_leaves_only_whole_videos_and_no_ffmpeg(tmp_path):
     path = make_batch(tmp_path, 6, shape=(16, 5, 6, 10))
     proc = start_vaepipe("batch", str(path), "-q", stderr=subprocess.PIPE)

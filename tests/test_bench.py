@@ -26,13 +26,18 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("imageio") is None, rea
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     args = ["bench", "--device", "cpu", "--vae", "random:wan2.1-tiny", "--shape", SHAPE, "--runs", "2",
-            "--out", str(out), "--trace", "--content", "both", "--modes", ",".join(MODES),
+            "--out", str(out), "--trace", "--content", "both", "--modes", ",".join(MODES), "--json",
             *(["--plot"] if HAS_PLOT else [])]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    return out, json.loads((out / "bench.json").read_text()), result.output
+    report = json.loads((out / "bench.json").read_text())
+    assert json.loads(result.stdout) == report  # --json: bench.json's report on stdout, tables on stderr
+    assert set(report) == {"vaepipe", "date", "command", "environment", "settings", "load_s", "results", "decoders",
+                           "memory", "encoders"}
+    return out, report, result.stderr
 
 
+@pytest.mark.slow
 def test_bench_reports_every_mode_with_its_measures(bench):
     out, report, output = bench
     assert report["settings"]["dtype"] == "fp32" and report["settings"]["device"] == "cpu"
@@ -62,22 +67,26 @@ def test_bench_reports_every_mode_with_its_measures(bench):
     assert "pipelined" in output and "bench.json" in output  # the Rich table and where the files went
 
 
-def test_decoders_table_times_each_decoder_alone_and_says_which_is_exact(bench):
-    out, report, _ = bench
+@pytest.mark.slow
+def test_decoders_table_on_the_cpu_shows_what_the_cpu_runs(bench):
+    """The CPU's decode lane runs vaepipe's stream of diffusers' decoder calls, never the engine (GPUs only)."""
+    out, report, output = bench
     table = report["decoders"][SHAPE]
     rows = table["rows"]
-    assert list(rows) == ["diffusers", "engine", "engine-exact"] and set(table["skipped"]) == {"fastvae",
-                                                                                                "fastvae-tuned"}
-    assert rows["diffusers"]["identical_to_diffusers"] and rows["engine-exact"]["identical_to_diffusers"]
+    assert list(rows) == ["diffusers", "stream"]
+    assert set(table["skipped"]) == {"engine", "engine-exact", "fastvae", "fastvae-tuned"}
+    assert "CUDA GPUs only" in table["skipped"]["engine"]
+    assert rows["diffusers"]["identical_to_diffusers"] and rows["stream"]["identical_to_diffusers"]
     for row in rows.values():
         assert 0 < row["min_s"] <= row["median_s"] <= row["max_s"] and row["first_call_s"] > 0
         assert row["speedup_vs_diffusers"] == pytest.approx(rows["diffusers"]["median_s"] / row["median_s"],
                                                             rel=1e-2)
-    assert rows["engine-exact"]["self_check_s"] > 0 and rows["engine"]["self_check_s"] is None
     md = (out / "bench.md").read_text()
-    assert f"## Decode lane alone, {SHAPE}" in md and "| engine-exact |" in md and "Left out: fastvae" in md
+    assert f"## Decode lane alone, {SHAPE}" in md and "| stream |" in md and "Left out: engine" in md
+    assert "engine-exact " not in output.split("decode lane alone")[-1]  # not a row of the terminal's table
 
 
+@pytest.mark.slow
 def test_gpu_targets_are_not_applicable_on_a_cpu(bench):
     out, report, output = bench
     assert report["environment"]["device"] == "CPU"
@@ -86,6 +95,7 @@ def test_gpu_targets_are_not_applicable_on_a_cpu(bench):
     assert "misses" not in output and "**no**" not in (out / "bench.md").read_text()
 
 
+@pytest.mark.slow
 def test_sync_and_pipelined_write_the_same_file_and_naive_the_same_frames(bench):
     out, report, _ = bench
     videos = {mode: out / "videos" / f"{SHAPE}-noise-eauto-{mode}.mp4" for mode in MODES}
@@ -100,6 +110,7 @@ def test_sync_and_pipelined_write_the_same_file_and_naive_the_same_frames(bench)
     assert nearest == list(range(9))
 
 
+@pytest.mark.slow
 def test_trace_has_one_track_per_lane_and_a_span_per_chunk(bench):
     out, _, _ = bench
     for mode, lanes in {"pipelined": ("decode", "copy", "encode"), "sync": ("decode", "copy", "encode"),
@@ -118,6 +129,7 @@ def test_trace_has_one_track_per_lane_and_a_span_per_chunk(bench):
             assert [e["name"] for e in by_lane["decode"]] == ["decode chunk 0", "decode chunk 1", "decode chunk 2"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_PLOT, reason="--plot needs matplotlib")
 def test_plot_writes_a_png_timeline(bench):
     out, report, _ = bench
@@ -181,6 +193,7 @@ def test_bad_options_exit_2_with_the_fix(tmp_path, option, value, message):
     assert not (out / "bench.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("preset", "shape", "frames"), [("random:hunyuanvideo-tiny", "16x24x21", 21),
                                                          ("random:ltx-tiny", "64x96x17", 17)])
 def test_bench_times_other_families(tmp_path, preset, shape, frames):
@@ -195,6 +208,7 @@ def test_bench_times_other_families(tmp_path, preset, shape, frames):
     assert len(read_video(videos["naive"])) == len(read_video(videos["pipelined"])) == frames  # naive pads to 16 px
 
 
+@pytest.mark.slow
 def test_natural_content_goes_to_the_encoder_while_the_lanes_decode_for_real(bench):
     out, report, _ = bench
     natural, noise = (r["modes"] for r in report["results"])
@@ -247,3 +261,65 @@ def test_natural_content_without_scikit_image_is_one_sentence(tmp_path, monkeypa
                                  "--out", str(tmp_path / "b")])
     message = " ".join(result.output.split())
     assert result.exit_code == 2 and "pip install scikit-image" in message and "--content noise" in message
+
+
+def test_bench_modules_import_each_other_one_way_only():
+    """No import circle inside vaepipe/bench (options.py once took the mode names from modes.py, which took
+    BenchOptions back): every relative import, TYPE_CHECKING ones too, points down a tree."""
+    import ast
+    from pathlib import Path
+
+    import vaepipe.bench
+
+    folder = Path(vaepipe.bench.__file__).parent
+    imports = {}
+    for path in folder.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        tree = ast.parse(path.read_text())
+        imports[path.stem] = {alias.name if node.module is None else node.module.split(".")[0]
+                              for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1
+                              for alias in node.names}
+
+    def reaches(start: str, goal: str, seen: set) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in imports.get(start, ()))
+
+    circles = sorted(m for m in imports if reaches(m, m, {m}))
+    assert not circles, f"bench modules in an import circle: {circles}"
+
+
+def test_bench_without_a_gpu_times_the_tiny_cpu_settings_not_full_size(tmp_path, monkeypatch):
+    import vaepipe.bench
+
+    timed = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(vaepipe.bench, "run_bench", lambda options, reporter: timed.append(options) or {})
+    monkeypatch.setattr(vaepipe.bench, "print_table", lambda report, reporter: None)
+    result = runner.invoke(app, ["bench", "--content", "noise", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (options,) = timed
+    assert (options.vae, options.shapes, options.runs) == ("random:wan2.1-tiny", ("48x80x17",), 3)
+    assert "no GPU: timing small CPU settings" in " ".join(result.output.split())
+    result = runner.invoke(app, ["bench", "--vae", "random:ltx-tiny", "--runs", "1", "--content", "noise",
+                                 "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (timed[-1].vae, timed[-1].shapes, timed[-1].runs) == ("random:ltx-tiny", ("192x320x33",), 1)
+    result = runner.invoke(app, ["bench", "--shape", "48x80x9", "--content", "noise", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (timed[-1].vae, timed[-1].shapes, timed[-1].runs) == ("random:wan2.1", ("48x80x9",), 5)  # as asked
+
+
+def test_bench_of_a_vae_folder_without_a_gpu_or_shape_is_refused_with_the_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = runner.invoke(app, ["bench", "--vae", str(tmp_path), "--out", str(tmp_path / "bench")])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "take hours on the CPU" in message and "--shape" in message
+    assert "vaepipe bench --device cpu --vae random:wan2.1-tiny --shape 48x80x17 --runs 3" in message
+    assert not (tmp_path / "bench").exists()
+
+
+def test_bench_defaults_on_a_gpu_are_the_released_sizes():
+    from vaepipe.bench import bench_defaults
+
+    assert bench_defaults("cuda", None, None, None) == ("random:wan2.1", ("480x832x81", "720x1280x81"), 5, None)

@@ -200,3 +200,32 @@ def test_exact_and_fast_together_are_bad_input(tmp_path, latents_file):
     result = decode(latents_file, tmp_path / "o.mp4", "--vae", "random:wan2.1-tiny", "--exact", "--fast")
     assert result.exit_code == 2 and "--exact and --fast contradict" in result.output
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_decoding_onto_an_existing_file_says_it_replaced_it(tmp_path, latents_file):
+    out = tmp_path / "out.mp4"
+    first = decode(latents_file, out, "--vae", "random:wan2.1-tiny", "--device", "cpu", "--json")
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["outputs"][0]["replaced"] is False and "replaced" not in first.stderr
+    again = decode(latents_file, out, "--vae", "random:wan2.1-tiny", "--device", "cpu", "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["outputs"][0]["replaced"] is True
+    lines = [line for line in again.stderr.splitlines() if "replaced" in line]
+    assert len(lines) == 1 and "replaced the file that was at" in lines[0]
+
+
+def test_readme_json_example_has_the_keys_of_the_real_summary(tmp_path, latents_file):
+    """The README's --json example is real output (generated, not written by hand): same keys, at every level."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = json.loads(readme.split("### The summary", 1)[1].split("```json\n", 1)[1].split("```", 1)[0])
+    result = decode(latents_file, tmp_path / "out.mp4", "--vae", "random:wan2.1-tiny", "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+
+    def keys(value):
+        if isinstance(value, dict):
+            return {k: keys(v) for k, v in value.items()}
+        return [keys(v) for v in value[:1]] if isinstance(value, list) and value and isinstance(value[0], dict) else 0
+
+    assert keys(example) == keys(json.loads(result.stdout))

@@ -41,6 +41,7 @@ def decode(latents, output, *extra):
     return runner.invoke(app, ["decode", str(latents), str(output), *map(str, extra)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["random:wan2.1-tiny", "random:wan2.2-tiny"])
 def test_a_latent_file_decodes_to_the_frames_of_the_same_latents_saved_as_pt(tmp_path, preset):
     vae = tiny_vae(preset)

@@ -10,6 +10,7 @@ from vaepipe.decode import decode_stream, to_uint8_frames
 from conftest import tiny_vae
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["random:wan2.1-tiny", "random:wan2.2-tiny"])
 @pytest.mark.parametrize("frames", [1, 2, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -15,6 +15,7 @@ from vaepipe.engine import Engine, kernels
 from conftest import tiny_vae
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # the engine on the CPU through its reference ops: minutes on two cores
 
 
 def _decode(engine: Engine, z: torch.Tensor) -> torch.Tensor:

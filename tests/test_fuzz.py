@@ -14,6 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a seeded fuzz of 60 cases, each its own process
+
 ROOT = Path(__file__).resolve().parents[1]
 HEADROOM_GIB = 2  # the cases' share of address space: a tiny decode with ffmpeg beside it needs well under 1 GiB
 SEED = int(os.environ.get("VAEPIPE_FUZZ_SEED", 13))

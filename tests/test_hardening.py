@@ -260,9 +260,14 @@ def test_a_refused_pickle_is_one_clean_sentence(tmp_path):
     assert message.endswith("save plain tensors (a tensor, or a dict of tensors and numbers)")
 
 
-def test_crf_out_of_every_range_names_each_codecs_range(tmp_path, latents_file):
-    message = refused(tmp_path, "decode", latents_file, tmp_path / "out.mp4", *TINY, "--crf", "70")
-    assert "crf must be in 0..51 for h264" in message and "0..63 for av1, vp9, got 70" in message
+@pytest.mark.parametrize(("output", "extra", "words"), [
+    ("out.mp4", [], "crf must be in 0..51 for h264, got 70"),  # the codec from the extension
+    ("out.webm", [], "crf must be in 0..63 for vp9, got 70"),
+    ("out.mkv", ["--codec", "av1"], "crf must be in 0..63 for av1, got 70"),
+])
+def test_crf_out_of_range_names_the_chosen_codecs_range_only(tmp_path, latents_file, output, extra, words):
+    message = refused(tmp_path, "decode", latents_file, tmp_path / output, *TINY, "--crf", "70", *extra)
+    assert words in message and "h265" not in message and "nvenc" not in message
 
 
 @pytest.fixture

@@ -8,6 +8,8 @@ from vaepipe.pipeline import Buffers, run_lanes
 from conftest import tiny_vae
 from lanes import MemorySink, decode_with_lanes, jitter, reference_frames
 
+pytestmark = pytest.mark.slow  # many randomised runs of the lanes
+
 
 @pytest.fixture(scope="module")
 def case():

@@ -247,6 +247,8 @@ class _Counts:
     interrupted: int = 0
     frames: int = 0
     decode_busy_s: float = 0.0
+    first_job: dict | None = None
+    """The first job that ran: its wall time and decode lane carry the start-up (imports, first calls, buffers)."""
     results: list[dict] = field(default_factory=list)
 
 
@@ -271,6 +273,8 @@ class BatchRun:
         self._pending: list[Streamed] = []  # handed to the finish thread, not finished yet
         self._records: dict[str, dict] = {}
         self._row = None
+        self._first_job: str | None = None
+        self._steady_from: tuple[float, float] | None = None  # the second job's start, the model load by then
 
     # -- the run -------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -295,6 +299,7 @@ class BatchRun:
                     completions.append(self._run_job(spec, fetched, finisher))
             for c in completions:
                 c.result()
+            end = time.perf_counter()
         except KeyboardInterrupt:
             self.interrupted = True
             try:  # the jobs whose frames are all in ffmpeg: let them finish (a second Ctrl-C stops at once)
@@ -310,7 +315,7 @@ class BatchRun:
             prefetch.shutdown(wait=False, cancel_futures=True)
             finisher.shutdown(wait=not self.interrupted)
             self.manifest.close()
-        return self._summary(time.perf_counter() - t0)
+        return self._summary(end - t0, end)
 
     def _fetch(self, spec: JobSpec) -> _Fetched:
         """On the prefetch thread: skip if done, else read and check the latents into (pinned) host memory."""
@@ -330,6 +335,10 @@ class BatchRun:
     def _run_job(self, spec: JobSpec, fetched: _Fetched, finisher: ThreadPoolExecutor) -> Future:
         self._record(spec, "running")
         t = time.perf_counter()
+        if self._first_job is None:
+            self._first_job = spec.name
+        elif self._steady_from is None:  # from here on the lanes run warm: the steady state
+            self._steady_from = (t, self.session.load_s)
         samples: list[Future] = []
         error = None
         loaded = self.session.load_s
@@ -416,6 +425,9 @@ class BatchRun:
             c = self.counts
             c.results.append({k: record[k] for k in ("job", "index", "latents", "output", "status", "error",
                                                      "frames", "bytes", "sha256", "timings")})
+            if spec.name == self._first_job and c.first_job is None:
+                c.first_job = {"job": spec.name, "status": status, "wall_s": record["timings"]["wall_s"],
+                               "decode_busy_s": busy["decode"]}
             if status == "done":
                 c.done += 1
                 c.frames += record["frames"]
@@ -423,8 +435,10 @@ class BatchRun:
             else:
                 setattr(c, status, getattr(c, status) + 1)
         if status == "done":
+            replaced = "; replaced the file that was there" if any(o.get("replaced") for o in outputs) else ""
             self.reporter.log(f"[green]done[/] {escape(spec.name)} → {escape(str(spec.output))}"
-                              f" ({record['frames']} frames, {record['timings']['wall_s']:.2f} s)", markup=True)
+                              f" ({record['frames']} frames, {record['timings']['wall_s']:.2f} s{replaced})",
+                              markup=True)
         elif status == "failed":
             self._error(f"failed {spec.name} ({spec.latents}): {error}")
         self._update_row()
@@ -452,7 +466,7 @@ class BatchRun:
         progress = self.reporter.progress
         if not any(isinstance(c, _DetailColumn) for c in progress.columns):
             progress.columns = (*progress.columns, _DetailColumn())
-        self._row = progress.add_task("batch", total=len(self.jobs), unit="jobs/s", detail="")
+        self._row = progress.add_task("batch", total=len(self.jobs), unit="jobs/s", detail="", rated=0)
         self._update_row()
 
     def _update_row(self) -> None:
@@ -465,11 +479,22 @@ class BatchRun:
         if processed and finished < len(self.jobs):
             eta = (time.perf_counter() - self._t_first) / processed * (len(self.jobs) - finished)
             detail += f" · ETA {timedelta(seconds=round(eta))}"
-        self.reporter.progress.update(self._row, completed=finished, detail=detail)
+        # The rate counts jobs that ran: skipping a done job takes a hash, not a decode.
+        self.reporter.progress.update(self._row, completed=finished, detail=detail, rated=processed)
+        self.reporter.tick(force=finished == len(self.jobs))
 
-    def _summary(self, wall_s: float) -> dict:
+    def _summary(self, wall_s: float, end: float) -> dict:
         c = self.counts
         after_load = max(wall_s - self.session.load_s, 0.0)
+        nothing = c.done + c.failed + c.interrupted == 0  # every job skipped as done, or none in this share
+        after_first = None
+        if self._steady_from is not None:
+            start, loaded = self._steady_from
+            window = max(end - start - (self.session.load_s - loaded), 0.0)
+            first = c.first_job or {}
+            busy = c.decode_busy_s - (first["decode_busy_s"] if first.get("status") == "done" else 0.0)
+            after_first = {"wall_s": round(window, 4), "decode_busy_s": round(busy, 4),
+                           "decode_busy_ratio": round(busy / window, 4) if window else None}
         return {
             "config": str(self.config.path), "manifest": str(self.manifest.path),
             "manifest_part": str(self.manifest.target) if self.world.part else None,
@@ -478,9 +503,14 @@ class BatchRun:
                      "interrupted": c.interrupted},
             "frames": c.frames, "load_s": round(self.session.load_s, 4), "wall_s": round(wall_s, 4),
             "wall_after_load_s": round(after_load, 4), "decode_busy_s": round(c.decode_busy_s, 4),
-            "decode_busy_ratio": round(c.decode_busy_s / after_load, 4) if after_load else None,
+            "decode_busy_ratio": round(c.decode_busy_s / after_load, 4) if after_load and not nothing else None,
+            "nothing_to_do": nothing, "first_job": c.first_job, "after_first_job": after_first,
             "results": sorted(c.results, key=lambda r: r["index"]), "vaepipe": __version__,
         }
+
+
+RETIRED = frozenset({"fast"})
+"""Old option names still read (with a notice) but changing nothing: not shown as a job's settings."""
 
 
 def dry_run(config: BatchConfig, options: BatchOptions, world: World) -> dict:
@@ -492,7 +522,7 @@ def dry_run(config: BatchConfig, options: BatchOptions, world: World) -> dict:
         done = not options.overwrite and is_done(spec, records.get(str(spec.output)))
         jobs.append({"job": spec.name, "index": spec.index, "latents": str(spec.latents), "output": str(spec.output),
                      "action": "skip (done)" if done else "run",
-                     "options": {k: v for k, v in asdict(spec.decode).items() if v is not None}
+                     "options": {k: v for k, v in asdict(spec.decode).items() if v is not None and k not in RETIRED}
                      | {k: v for k, v in asdict(spec.encode).items() if v is not None}})
     return {"config": str(config.path), "manifest": str(manifest.path), "rank": world.rank,
             "world_size": world.size, "mode": world.how, "total_jobs": len(config.jobs), "jobs": jobs}
@@ -576,10 +606,22 @@ def combine(summaries: list[dict]) -> dict:
         "wall_s": round(max(s["wall_s"] for s in summaries), 4),
         "wall_after_load_s": round(max(s["wall_after_load_s"] for s in summaries), 4),
         "decode_busy_s": round(busy, 4), "decode_busy_ratio": round(busy / after_load, 4) if after_load else None,
+        "nothing_to_do": all(s.get("nothing_to_do", False) for s in summaries), "first_job": None,
+        "after_first_job": _combined_after_first([s.get("after_first_job") for s in summaries]),
         "ranks": [{k: v for k, v in s.items() if k != "results"} for s in summaries],
         "results": sorted((r for s in summaries for r in s["results"]), key=lambda r: r["index"]),
         "vaepipe": first["vaepipe"],
     }
+
+
+def _combined_after_first(parts: list[dict | None]) -> dict | None:
+    """The ranks' steady states together (each rank's first job is in `ranks`)."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return None
+    wall, busy = sum(p["wall_s"] for p in parts), sum(p["decode_busy_s"] for p in parts)
+    return {"wall_s": round(max(p["wall_s"] for p in parts), 4), "decode_busy_s": round(busy, 4),
+            "decode_busy_ratio": round(busy / wall, 4) if wall else None}
 
 
 def launch(nproc: int, worker_args: list[str]) -> int:

@@ -279,18 +279,34 @@ def _print_batch(summary: dict, reporter: Reporter) -> None:
     jobs = summary["jobs"]
     ratio = summary["decode_busy_ratio"]
     console = reporter.progress.console
+    if summary.get("nothing_to_do"):
+        console.print(f"nothing to do: {'all ' if jobs['total'] > 1 else ''}{jobs['total']} job"
+                      f"{'s are' if jobs['total'] != 1 else ' is'} done (manifest and SHA-256 agree; --overwrite"
+                      " redoes them)" if jobs["total"] else "nothing to do: no jobs in this share", highlight=False)
+        console.print(f"manifest: {summary['manifest']}", highlight=False)
+        return
     console.print(f"{jobs['done']} done, {jobs['failed']} failed, {jobs['skipped']} skipped of {jobs['total']} jobs;"
                   f" {summary['frames']} frames in {summary['wall_after_load_s']:.2f} s after {summary['load_s']:.2f}"
                   f" s of model load; decode lane busy {'–' if ratio is None else f'{ratio:.1%}'} of that",
                   highlight=False)
+    first, steady = summary.get("first_job"), summary.get("after_first_job")
+    if first and steady and steady["decode_busy_ratio"] is not None:
+        console.print(f"after the first job ({first['wall_s']:.2f} s with the start-up: imports, first calls,"
+                      f" buffers): decode lane busy {steady['decode_busy_ratio']:.1%} of {steady['wall_s']:.2f} s",
+                      highlight=False)
     console.print(f"manifest: {summary['manifest']}", highlight=False)
 
 
 @app.command("make-latents")
 def make_latents(
-    output: Annotated[Path, typer.Argument(help="Where to write the latents (.pt, .safetensors or .npy).")],
+    output: Annotated[Path, typer.Argument(help="Where to write the latents (.pt, .safetensors, .npy, or .latent "
+                                                "as ComfyUI's SaveLatent writes them, for Wan).")],
     size: Annotated[str, typer.Option(help="Video size the latents decode to: HEIGHTxWIDTHxFRAMES.")] = "480x832x81",
-    channels: Annotated[int, typer.Option(help="Latent channels: 16 (Wan 2.1) or 48 (Wan 2.2).")] = 16,
+    vae: Annotated[str | None, typer.Option(help="The preset whose latents to make (its channels and compression): "
+                                                 "random:<family>[-tiny], as for decode. Default: Wan 2.1's, or "
+                                                 "Wan 2.2's with --channels 48.")] = None,
+    channels: Annotated[int | None, typer.Option(help="Latent channels without --vae: 16 (Wan 2.1) or 48 (Wan "
+                                                      "2.2).")] = None,
     batch: Annotated[int, typer.Option(help="Samples in the file.")] = 1,
     fps: Annotated[float, typer.Option(help="Frame rate stored with the latents.")] = 16.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -299,10 +315,11 @@ def make_latents(
     from .latents import write_synthetic
 
     try:
-        shape = write_synthetic(output, size=size, channels=channels, batch=batch, fps=fps, seed=seed)
+        shape = write_synthetic(output, size=size, channels=channels, vae=vae, batch=batch, fps=fps, seed=seed)
     except STOPS as e:
         raise fail(e) from None
-    typer.echo(f"wrote {output}: latents {list(shape)} at {fps:g} fps", err=True)
+    stored = "" if output.suffix.lower() == ".latent" else f" at {fps:g} fps"  # ComfyUI's files hold no fps
+    typer.echo(f"wrote {output}: latents {list(shape)}{stored}", err=True)
 
 
 @app.command()
@@ -350,11 +367,14 @@ def info(json_out: Json = False) -> None:
 
 @app.command()
 def bench(
-    vae: Annotated[str, typer.Option(help="VAE to time (as for decode).")] = "random:wan2.1",
-    shape: Annotated[str, typer.Option(help="Comma-separated HEIGHTxWIDTHxFRAMES sizes; synthetic latents.")]
-    = "480x832x81,720x1280x81",
+    vae: Annotated[str | None, typer.Option(help="VAE to time (as for decode). Default: random:wan2.1; "
+                                                 "without a GPU random:wan2.1-tiny.")] = None,
+    shape: Annotated[str | None, typer.Option(help="Comma-separated HEIGHTxWIDTHxFRAMES sizes; synthetic latents. "
+                                                   "Default: 480x832x81,720x1280x81; without a GPU a small size "
+                                                   "(48x80x17 for Wan).")] = None,
     dtype: Dtype = None, device: Device = None,
-    runs: Annotated[int, typer.Option(help="Timed runs per mode and shape, after one warm-up.")] = 5,
+    runs: Annotated[int | None, typer.Option(help="Timed runs per mode and shape, after one warm-up (default: 5; "
+                                                  "3 at the small CPU settings).")] = None,
     modes: Annotated[str | None, typer.Option(help="Comma-separated: naive (diffusers as users call it), fastvae "
                                                    "(that path with fastvae's decoder), sync, pipelined (the "
                                                    "default decode), exact (--exact); decode or encode time one "
@@ -382,16 +402,18 @@ def bench(
                                                              "an fp32 decode with fp32 weights.")] = False,
     encoders: Annotated[str, typer.Option(help="Comma-separated --encoders values to compare, such as 1,auto; "
                                                "each its own table.")] = "auto",
-    quiet: Quiet = False,
+    json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Time naive diffusers, fastvae, sync, pipelined and exact decoding to video on the same latents, in one
     process, and each decoder's decode lane alone."""
-    from .bench import BenchOptions, default_modes, print_table, run_bench
+    from .bench import BenchOptions, bench_defaults, default_modes, print_table, run_bench
 
-    reporter = Reporter(quiet=quiet)
+    reporter = Reporter(quiet=quiet, as_json=json_out)
     try:
-        options = BenchOptions(vae=vae, shapes=tuple(s.strip() for s in shape.split(",") if s.strip()),
-                               dtype=dtype, device=device, runs=runs,
+        vae, shapes, runs, note = bench_defaults(device, vae, shape, runs)
+        if note:
+            reporter.log(note)
+        options = BenchOptions(vae=vae, shapes=shapes, dtype=dtype, device=device, runs=runs,
                                modes=tuple(m.strip() for m in modes.split(",") if m.strip()) if modes is not None
                                else default_modes(device), chunk=chunk,
                                buffers=buffers, out=out, trace=trace, plot=plot, profile=profile, crf=crf,
@@ -403,6 +425,8 @@ def bench(
         raise fail(e, reporter) from None
     print_table(report, reporter)
     reporter.log(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
 
 
 def main() -> None:

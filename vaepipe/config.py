@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .encode import CODECS, EncodeOptions, plan_encode
+from .encode import EncodeOptions, check_crf, plan_encode
 from .errors import BadInput
 from .files import not_regular, regular_file
 from .latents import SUFFIXES
@@ -271,10 +271,10 @@ class _Checker:
                 check_given_tags(output.suffix.lower(), encode.metadata)
             except BadInput as e:
                 self.problem(f"{where}: {e}")
-        top = CODECS[plan.codec].crf_max
-        if top is not None and crf > top:
-            origin = "" if crf_from == f"{where}.crf" else f" (set by {crf_from})"
-            self.problem(f"{where}.crf must be in 0..{top} for {plan.codec}, got {crf}{origin}")
+        try:
+            check_crf(crf, plan.codec, "" if crf_from == f"{where}.crf" else f" (set by {crf_from})")
+        except BadInput as e:
+            self.problem(f"{where}.{e}")
 
     def resolve(self, value: str) -> Path:
         return Path(os.path.abspath(self.base / Path(value).expanduser()))

@@ -87,6 +87,14 @@ _NAME_MAX = 255  # bytes in one file name, on every file system Linux writes vid
 _MUXERS = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".webm": "webm", ".png": "image2"}
 
 
+def check_crf(crf: int, codec: str, origin: str = "") -> None:
+    """`crf` against the range of the codec that writes the file (only its range: the others do not apply)."""
+    top = CODECS[codec].crf_max
+    if crf < 0 or (top is not None and crf > top):
+        allowed = f"in 0..{top} for {codec}" if top is not None else f"at least 0 ({codec} takes no crf: leave it out)"
+        raise BadInput(f"crf must be {allowed}, got {crf}{origin}")
+
+
 @dataclass(kw_only=True, slots=True)
 class EncodeOptions:
     codec: str | None = None
@@ -123,16 +131,8 @@ class EncodeOptions:
             raise BadInput(f"preset must be one of {', '.join(X264_PRESETS)}, got {self.preset!r}")
         if self.pix_fmt is not None and self.pix_fmt not in PIX_FMTS:
             raise BadInput(f"pix_fmt must be one of {', '.join(PIX_FMTS)}, got {self.pix_fmt!r}")
-        top = CODECS[self.codec].crf_max if self.codec else None
-        if top is not None and not 0 <= self.crf <= top:
-            raise BadInput(f"crf must be in 0..{top} for {self.codec}, got {self.crf}")
-        if not 0 <= self.crf <= 63:  # the codec may come from the extension later: every codec's range at once
-            ranges: dict[int, list[str]] = {}
-            for name, spec in CODECS.items():
-                if spec.crf_max is not None:
-                    ranges.setdefault(spec.crf_max, []).append(name)
-            allowed = "; ".join(f"0..{top} for {', '.join(names)}" for top, names in ranges.items())
-            raise BadInput(f"crf must be in {allowed}, got {self.crf}")
+        if self.codec is not None:  # else the codec comes from the extension: plan_encode checks crf against it
+            check_crf(self.crf, self.codec)
         # Below 0.1 fps, MP4 and MOV cannot store a clip's frame times (ffmpeg fails when the file is written).
         if self.fps is not None and not MIN_FPS <= self.fps <= 1000:
             raise BadInput(f"fps must be in {MIN_FPS:g}..1000 (frame rates video containers store), got {self.fps}")
@@ -203,8 +203,7 @@ def plan_encode(dest: str | os.PathLike, *, width: int, height: int, fps: float,
     pix_fmt = options.pix_fmt or spec.pix_fmts[0]
     if pix_fmt not in spec.pix_fmts:
         raise BadInput(f"codec {codec} does not take pix_fmt {pix_fmt}: use one of {', '.join(spec.pix_fmts)}")
-    if spec.crf_max is not None and options.crf > spec.crf_max:
-        raise BadInput(f"crf must be in 0..{spec.crf_max} for {codec}, got {options.crf}")
+    check_crf(options.crf, codec)
     need_even_w = pix_fmt in _CHROMA_420 | _CHROMA_422
     need_even_h = pix_fmt in _CHROMA_420
     pad_right, pad_bottom = int(need_even_w and width % 2), int(need_even_h and height % 2)

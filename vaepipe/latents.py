@@ -9,7 +9,7 @@ import math
 import pickle
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -316,10 +316,14 @@ def _checked(t: torch.Tensor, path: Path) -> torch.Tensor:
 
 
 def check_for_vae(latents: Latents, z_dim: int) -> None:
+    from .families import vaes_with
+
     channels = latents.tensor.shape[1]
     if channels != z_dim:
+        fits = vaes_with(channels)
         raise BadInput(f"{str(latents.path)!r}: latents have {channels} channels but the VAE expects {z_dim}"
-                       f" (z_dim); pass the matching --vae")
+                       f" (z_dim); pass the matching --vae"
+                       + (f": {channels} channels are those of {fits}" if fits else ""))
 
 
 def denormalize(z: torch.Tensor, config) -> torch.Tensor:
@@ -351,35 +355,68 @@ def parse_size(text: str, *, name: str = "size") -> tuple[int, int, int]:
     return height, width, frames
 
 
-def synthetic_shape(size: str, *, channels: int, batch: int = 1) -> tuple[int, ...]:
-    """The shape [B, C, T, H, W] of latents that decode to `size` (HEIGHTxWIDTHxFRAMES) for a Wan VAE of `channels`
-    (16: 8x spatial, 48: 16x spatial; 4x temporal), checked to fit in memory before anything is allocated."""
-    scale = {16: 8, 48: 16}.get(channels)
-    if scale is None:
-        raise BadInput(f"channels must be 16 (Wan 2.1) or 48 (Wan 2.2), got {channels}")
-    height, width, frames = parse_size(size)
-    if height % scale or width % scale or (frames - 1) % 4:
-        raise BadInput(f"size {size} does not fit the VAE: height and width must be multiples of {scale}, frames"
-                       " of the form 4k+1 (81, 121…)")
-    shape = (batch, channels, 1 + (frames - 1) // 4, height // scale, width // scale)
+# The preset whose latents `--channels` alone names: only Wan's widths say which VAE (and so which compression).
+_PRESET_OF_CHANNELS = {16: "random:wan2.1", 48: "random:wan2.2"}
+
+
+def synthetic_preset(*, channels: int | None = None, vae: str | None = None) -> str:
+    """The random-weight preset whose geometry synthetic latents follow: `vae` itself (a preset name), else Wan's
+    for 16 or 48 `channels` (16 when neither is given)."""
+    from .families import PRESET_NAMES, PRESETS, preset_channels
+
+    if vae is not None:
+        if vae not in PRESETS:
+            raise BadInput(f"synthetic latents follow a preset's geometry: --vae takes random:<family>[-tiny]"
+                           f" ({PRESET_NAMES}), got {vae!r}")
+        if channels is not None and channels != preset_channels(vae):
+            raise BadInput(f"--channels {channels} does not fit --vae {vae}, whose latents have"
+                           f" {preset_channels(vae)} channels: leave --channels out")
+        return vae
+    channels = 16 if channels is None else channels
+    if channels in _PRESET_OF_CHANNELS:
+        return _PRESET_OF_CHANNELS[channels]
+    fits = [name for name in PRESETS if preset_channels(name) == channels]
+    raise BadInput(f"--channels {channels} alone does not say which VAE (its compression sets the latent size): pass"
+                   f" --vae {' or '.join(fits) if fits else 'random:<family>[-tiny]'} in its place")
+
+
+def synthetic_shape(size: str, *, channels: int | None = None, vae: str | None = None,
+                    batch: int = 1) -> tuple[int, ...]:
+    """The shape [B, C, T, H, W] of latents that decode to `size` (HEIGHTxWIDTHxFRAMES) with the preset
+    `synthetic_preset` picks (its channels, spatial and temporal compression), checked to fit in memory before
+    anything is allocated."""
+    from . import families
+
+    family, config = families.PRESETS[synthetic_preset(channels=channels, vae=vae)]
+    with torch.device("meta"):
+        model = family.build(config)
+    shape = (batch, *families.synthetic_shape(model, size)[1:])
     check_declared(f"size {size}", shape, torch.float32, fix="use a smaller size")
     return shape
 
 
-def synthetic_latents(size: str, *, channels: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+def synthetic_latents(size: str, *, channels: int | None = None, vae: str | None = None, batch: int = 1,
+                      seed: int = 0) -> torch.Tensor:
     """N(0, 1) latents of `synthetic_shape`, as a diffusers pipeline with output_type="latent" leaves them."""
-    shape = synthetic_shape(size, channels=channels, batch=batch)
+    shape = synthetic_shape(size, channels=channels, vae=vae, batch=batch)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def write_synthetic(path: str | Path, *, size: str, channels: int, batch: int = 1, fps: float = 16.0,
-                    seed: int = 0) -> tuple[int, ...]:
-    """Write `synthetic_latents` to `path` (.pt with the fps, .safetensors or .npy); return their shape."""
-    latents = synthetic_latents(size, channels=channels, batch=batch, seed=seed)
-    shape = tuple(latents.shape)
+def write_synthetic(path: str | Path, *, size: str, channels: int | None = None, vae: str | None = None,
+                    batch: int = 1, fps: float = 16.0, seed: int = 0) -> tuple[int, ...]:
+    """Write `synthetic_latents` to `path` (.pt with the fps, .safetensors, .npy, or a ComfyUI .latent, in the VAE's
+    own space as ComfyUI's samplers leave them); return their shape."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
+    if suffix not in (".pt", ".pth", ".safetensors", ".npy", ".latent"):
+        raise BadInput(f"cannot write latents to {str(path)!r}: use .pt, .safetensors, .npy or .latent (ComfyUI)")
+    preset = synthetic_preset(channels=channels, vae=vae)
+    comfyui = _comfyui_latent_format(preset) if suffix == ".latent" else None  # refused before any work
+    latents = synthetic_latents(size, vae=preset, batch=batch, seed=seed)
+    shape = tuple(latents.shape)
+    if comfyui:
+        latents = comfyui(latents)
+    path.parent.mkdir(parents=True, exist_ok=True)
     if suffix in (".pt", ".pth"):
         torch.save({"latents": latents, "fps": fps}, path)
     elif suffix == ".safetensors":
@@ -391,5 +428,27 @@ def write_synthetic(path: str | Path, *, size: str, channels: int, batch: int = 
 
         np.save(path, latents.numpy())
     else:
-        raise BadInput(f"cannot write latents to {str(path)!r}: use .pt, .safetensors or .npy")
+        from safetensors.torch import save_file
+
+        # What ComfyUI's SaveLatent writes: the samples and an empty version marker (no workflow: none ran).
+        save_file({"latent_tensor": latents.contiguous(), f"{_COMFYUI_MARKER}0": torch.tensor([])}, str(path))
     return shape
+
+
+def _comfyui_latent_format(preset: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a ComfyUI sampler does to what a diffusers pipeline leaves as `z` before handing it on: the Wan latent
+    format's process_latent_out, `z * std / 1.0 + mean` in float32 (the VAE's own space, which VAEDecode takes as
+    it is)."""
+    from .families import PRESETS
+
+    family, config = PRESETS[preset]
+    if not family.label.startswith("Wan"):  # the only latent format vaepipe reads .latent files of
+        known = ", ".join(f"{c} ({name})" for c, name in COMFYUI_CHANNELS.items())
+        raise BadInput(f"vaepipe reads ComfyUI .latent files only for {known}: write {preset}'s latents as .pt,"
+                       " .safetensors or .npy")
+    with torch.device("meta"):
+        model_config = family.build(config).config
+    shape = (1, model_config.z_dim, 1, 1, 1)
+    std = torch.tensor(model_config.latents_std).view(shape)
+    mean = torch.tensor(model_config.latents_mean).view(shape)
+    return lambda z: z.float() * std / 1.0 + mean

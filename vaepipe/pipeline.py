@@ -53,6 +53,8 @@ class LaneStats:
     """The bands the frames decoded in (bands.Plan.report), when more than whole frames."""
     peak: int | None = None
     """Peak device memory of the process so far (CUDA: torch.cuda.max_memory_allocated), when the file was done."""
+    replaced: bool = False
+    """The finished file took the place of one that was there (the rename is atomic; the old one is gone)."""
 
     @property
     def decode_utilization(self) -> float:

@@ -395,6 +395,7 @@ class Streamed:
     def finish(self) -> tuple[LaneStats, int]:
         """Wait for ffmpeg and move the file into place (cleaning up on failure); return the stats and its size."""
         t = time.perf_counter()
+        self.stats.replaced = self.plan.dest.is_file()  # a PNG pattern names no one file
         self.encoder.finish()
         self.stats.drain_s = time.perf_counter() - t
         self.stats.encoders = getattr(self.encoder, "encoders", 1)
@@ -443,5 +444,5 @@ def summarize(job: Job, plan: EncodePlan, stats: LaneStats, size: int) -> dict:
         "peak_gib": round(stats.peak / 2**30, 3) if stats.peak is not None else None,
         "wall_s": round(stats.wall_s, 4), "busy_s": {k: round(v, 4) for k, v in stats.busy_s.items()},
         "encoder_drain_s": round(stats.drain_s, 4), "encoders": stats.encoders,
-        "decode_utilization": round(stats.decode_utilization, 4), "vaepipe": __version__,
+        "decode_utilization": round(stats.decode_utilization, 4), "replaced": stats.replaced, "vaepipe": __version__,
     }

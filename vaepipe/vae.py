@@ -105,7 +105,19 @@ def _cached_repo(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
         raise BadInput(f"{repo_id} is not in the local Hugging Face cache and vaepipe never downloads: fetch it"
-                       f" first (hf download {repo_id} --include 'vae/*'), or pass --vae FOLDER") from None
+                       f" first (hf download {repo_id} --include 'vae/*'), or pass --vae FOLDER; to try vaepipe"
+                       f" without weights, --vae {_stand_in(repo_id)} (random weights: the video is noise)") from None
+
+
+def _stand_in(repo_id: str) -> str:
+    """A random-weight preset that decodes the same latents as `repo_id`'s VAE (its tiny one where it has those
+    channels), for a try without the weights."""
+    for family in families.FAMILIES:
+        for channels, repo in family.default_repos.items():
+            if repo == repo_id:
+                fits = [n for n in family.presets if families.preset_channels(n) == channels]
+                return next((n for n in fits if n.endswith("-tiny")), fits[0])
+    return "random:wan2.1-tiny"
 
 
 def _from_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:

@@ -1,7 +1,9 @@
 """The decode lane alone, decoder against decoder, on the same latents and weights in one process:
 
-    diffusers      vae.decode(z).sample: what the naive path (and vaepipe --no-engine) runs
-    engine         vaepipe's engine, fast policy: what GPUs run by default
+    diffusers      vae.decode(z).sample: what the naive path runs
+    stream         vaepipe's stream of diffusers' own decoder calls into uint8 frames: what the decode lane runs
+                   where the engine does not (the CPU, --no-engine, families other than Wan); shown only there
+    engine         vaepipe's engine, fast policy: what GPUs run by default (CUDA only)
     engine-exact   vaepipe's engine, exact policy (--exact): its self-check runs in its first call
     fastvae        fastvae's FastVAEDecoder (pip install fastvae), its defaults
     fastvae-tuned  fastvae in its fastest setting: cuDNN autotuning on, 4 latent frames per call
@@ -24,11 +26,12 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .. import engine as engines
+from ..decode import decode_stream, to_uint8_frames
 from ..families import DecodeSettings
 from ..progress import Reporter
 from ..vae import LoadedVae, load_vae
 
-DECODERS = ("diffusers", "engine", "engine-exact", "fastvae", "fastvae-tuned")
+DECODERS = ("diffusers", "stream", "engine", "engine-exact", "fastvae", "fastvae-tuned")
 
 
 def decoder_table(vae: LoadedVae, latents: torch.Tensor, src: str, runs: int, *, fidelity: bool,
@@ -69,7 +72,13 @@ def _decoders(vae: LoadedVae, z: torch.Tensor, kwargs: dict,
     out: dict[str, tuple[Callable, Callable] | str] = {
         "diffusers": (lambda: vae.family.decode(vae.model, z, **kwargs),
                       lambda: vae.family.decode(vae.model, z, **kwargs))}
-    if not engines.supports(vae.model):
+    # The table shows what the decode lane runs here: the engine on CUDA for Wan, vaepipe's stream elsewhere.
+    if vae.device.type != "cuda" or not engines.supports(vae.model):
+        out["stream"] = (lambda: _stream_lane(vae, z, kwargs), lambda: _stream_video(vae, z, kwargs))
+    if vae.device.type != "cuda":
+        out["engine"] = out["engine-exact"] = ("the engine runs on CUDA GPUs only; the CPU decodes with diffusers'"
+                                               " decoder, streamed (the stream row)")
+    elif not engines.supports(vae.model):
         out["engine"] = out["engine-exact"] = f"the engine decodes Wan VAEs, not {type(vae.model).__name__}"
     else:
         for name, exact in (("engine", False), ("engine-exact", True)):
@@ -93,6 +102,20 @@ def _decoders(vae: LoadedVae, z: torch.Tensor, kwargs: dict,
 
         out["fastvae-tuned"] = (tuned, tuned)
     return out
+
+
+def _stream_lane(vae: LoadedVae, z: torch.Tensor, kwargs: dict) -> None:
+    """What the decode lane does without the engine: the family's pieces into a uint8 frame buffer."""
+    frames = None
+    for piece in decode_stream(vae.model, z, **kwargs):
+        f, h, w = piece.shape[2:]
+        if frames is None:
+            frames = torch.empty((vae.temporal_factor, h, w, 3), dtype=torch.uint8, device=z.device)
+        to_uint8_frames(piece, frames[:f])
+
+
+def _stream_video(vae: LoadedVae, z: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    return torch.cat(list(decode_stream(vae.model, z, **kwargs)), dim=2)
 
 
 def _engine_lane(engine: engines.Engine, z: torch.Tensor) -> None:

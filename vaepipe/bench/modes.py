@@ -9,8 +9,8 @@ that lane's part alone) and returns a Sample (wall time, per-lane busy times, sp
     decode      the decode and copy lanes alone (no encoder): what the GPU side costs
     encode      the encoder lane alone, fed frames from memory as fast as it takes them
 
-A new mode is a name in MODES (DEFAULT_MODES if it runs by default) and a branch in `prepare_case` that builds its
-job. What the encoder is given is the case's content: `Feed` swaps the decoded frames for natural ones on their way
+A new mode is a name in options.MODES (DEFAULT_MODES if it runs by default) and a branch in `prepare_case` that builds
+its job. What the encoder is given is the case's content: `Feed` swaps the decoded frames for natural ones on their way
 into the encoder (the decode and copy lanes still run for real) and records the frames each mode's encoder got, the
 reference its video's PSNR is measured against.
 """
@@ -22,7 +22,6 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,23 +30,11 @@ from ..encode import EncodePlan, plan_encode
 from ..runner import DEFAULT_FPS, DecodeOptions, Session, open_encoder
 from ..vae import LoadedVae
 from .measure import Case, Sample, synchronize
+from .options import BenchOptions, Shape
 
-if TYPE_CHECKING:
-    from .options import BenchOptions, Shape
-
-MODES = ("naive", "fastvae", "sync", "pipelined", "exact", "decode", "encode")
-DEFAULT_MODES = ("naive", "sync", "pipelined", "exact")
 NAIVE_STAGES = ("decode", "postprocess", "export")
 """The naive path's steps, drawn as its three lanes: vae.decode, postprocess_video(np), export_to_video."""
 NAIVE_ENCODER = "diffusers export_to_video defaults: imageio-ffmpeg libx264, quality 5 (CRF 25), yuv420p"
-
-
-def default_modes(device: str | None) -> tuple[str, ...]:
-    """DEFAULT_MODES, and fastvae where it is installed and the bench runs on a GPU."""
-    import importlib.util
-
-    gpu = device != "cpu" and torch.cuda.is_available()
-    return DEFAULT_MODES + (("fastvae",) if gpu and importlib.util.find_spec("fastvae") else ())
 
 
 class Feed:

@@ -14,14 +14,66 @@ from ..families import PRESETS, synthetic_shape
 from ..latents import parse_size
 from ..runner import DEFAULT_FPS, DecodeOptions
 from .content import CONTENTS, photograph_folder
-from .modes import DEFAULT_MODES, MODES
 
-DEFAULT_SHAPES = ("480x832x81", "720x1280x81")
+# The names live here, the jobs they run in modes.py (which reads the options): one way, no import circle.
+MODES = ("naive", "fastvae", "sync", "pipelined", "exact", "decode", "encode")
+DEFAULT_MODES = ("naive", "sync", "pipelined", "exact")
+DEFAULT_VAE, DEFAULT_SHAPES, DEFAULT_RUNS = "random:wan2.1", ("480x832x81", "720x1280x81"), 5
+
+
+# Without a GPU: what `make bench` times, in well under a minute on two cores (full size takes hours there).
+CPU_VAE, CPU_SHAPE, CPU_RUNS = "random:wan2.1-tiny", "48x80x17", 3
+
+
+def bench_defaults(device: str | None, vae: str | None, shape: str | None,
+                   runs: int | None) -> tuple[str, tuple[str, ...], int, str | None]:
+    """The VAE, shapes and runs to time where the command line leaves them out, and a note saying what was chosen:
+    on a GPU the released sizes; on the CPU (none there, or --device cpu) the tiny settings, or for a given preset
+    a small shape it decodes, since a 480p or 720p decode there takes hours. A VAE that is not a preset, on the CPU
+    without --shape, is refused with the command to run."""
+    on_cpu = (device or "").startswith("cpu") or (device is None and not torch.cuda.is_available())
+    if not on_cpu or shape is not None:
+        return (vae or DEFAULT_VAE, _shapes(shape) if shape is not None else DEFAULT_SHAPES,
+                DEFAULT_RUNS if runs is None else runs, None)
+    if vae is None:
+        vae, shape = CPU_VAE, CPU_SHAPE
+    elif vae in PRESETS:
+        shape = small_shape(vae)
+    else:
+        raise BadInput(f"no GPU here: the default shapes ({','.join(DEFAULT_SHAPES)}) take hours on the CPU; pass a"
+                       f" small --shape the VAE decodes, or try `{cpu_command()}`")
+    runs = CPU_RUNS if runs is None else runs
+    note = (f"no GPU: timing small CPU settings (--vae {vae} --shape {shape} --runs {runs}; full-size shapes take"
+            " hours on a CPU: pass --shape to choose)")
+    return vae, (shape,), runs, note
+
+
+def cpu_command() -> str:
+    return f"vaepipe bench --device cpu --vae {CPU_VAE} --shape {CPU_SHAPE} --runs {CPU_RUNS}"
+
+
+def small_shape(preset: str) -> str:
+    """A small size that `preset` decodes: 6 x 10 latent pixels, 5 latent frames (48x80x17 for Wan)."""
+    family, config = PRESETS[preset]
+    with torch.device("meta"):
+        model = family.build(config)
+    scale = family.spatial_factor(model)
+    return f"{6 * scale}x{10 * scale}x{family.num_frames(model, 5)}"
+
+
+def _shapes(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def default_modes(device: str | None) -> tuple[str, ...]:
+    """DEFAULT_MODES, and fastvae where it is installed and the bench runs on a GPU."""
+    gpu = device != "cpu" and torch.cuda.is_available()
+    return DEFAULT_MODES + (("fastvae",) if gpu and importlib.util.find_spec("fastvae") else ())
 
 
 @dataclass(kw_only=True, slots=True)
 class BenchOptions:
-    vae: str = "random:wan2.1"
+    vae: str = DEFAULT_VAE
     """The VAE to time (a preset, a folder, a cached repo id or a checkpoint)."""
     shapes: tuple[str, ...] = DEFAULT_SHAPES
     """Video sizes HEIGHTxWIDTHxFRAMES; synthetic N(0, 1) latents of the matching latent size."""
@@ -29,7 +81,7 @@ class BenchOptions:
     """bf16, fp16 or fp32; None: bf16 on CUDA, fp32 on the CPU."""
     device: str | None = None
     """cuda, cuda:N or cpu; None: cuda when there is one."""
-    runs: int = 5
+    runs: int = DEFAULT_RUNS
     """Timed runs per mode and shape, after one warm-up."""
     modes: tuple[str, ...] = DEFAULT_MODES
     """Which of MODES to run (default naive, sync, pipelined; decode and encode time one lane alone)."""

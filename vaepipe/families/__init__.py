@@ -29,7 +29,7 @@ PRESET_NAMES = ", ".join(name.removeprefix("random:") for name in PRESETS if not
 """For messages: the preset stems, each also with -tiny."""
 
 __all__ = ["FAMILIES", "PRESETS", "PRESET_NAMES", "DecodeSettings", "Family", "default_repo", "family_of",
-           "preset_channels", "synthetic_latents", "synthetic_shape"]
+           "preset_channels", "synthetic_latents", "synthetic_shape", "vaes_with"]
 
 
 def family_of(vae: torch.nn.Module) -> Family:
@@ -55,6 +55,20 @@ def default_repo(channels: int) -> str:
                        f"{next(f for f in FAMILIES if channels in f.channels).repos[0]}, or a preset)")
     raise BadInput(f"latents have {channels} channels and no diffusers video VAE known to vaepipe has that many:"
                    " pass --vae")
+
+
+def vaes_with(channels: int) -> str | None:
+    """For messages: the families whose latents have `channels` channels, each with its preset (and the repo
+    vaepipe takes for them), or None where no family has that many."""
+    fits = []
+    for family in FAMILIES:
+        if channels not in family.channels:
+            continue
+        preset = next(n for n in family.presets if not n.endswith("-tiny") and preset_channels(n) == channels)
+        repo = family.default_repos.get(channels) or (family.repos[0] if family.repos and len(family.channels) == 1
+                                                      else None)
+        fits.append(f"{family.label} (--vae {preset}{f' or {repo}' if repo else ''})")
+    return ", ".join(fits) or None
 
 
 def synthetic_latents(vae: torch.nn.Module, size: str, *, seed: int = 0) -> torch.Tensor:
