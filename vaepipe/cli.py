@@ -1,37 +1,101 @@
-"""The command line: thin commands over the shared runner. Only this module turns errors into exit codes."""
+"""The command line: thin commands over the shared runner. Only this module turns errors into exit codes.
+
+Start-up: this module imports neither torch nor diffusers (seconds of imports), so that `--help` and argument errors
+answer at once; a command imports what it needs when it runs, after a "loading…" line where that takes seconds."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import re
 import signal
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-from . import __version__
-from .encode import CODECS, EncodeOptions
+from . import __version__, startup
+from .encode import CODECS
 from .errors import BadInput, VaepipeError
-from .progress import Reporter
-from .runner import DecodeOptions, Session
+from .names import PRESET_STEMS
 from .stop import MESSAGE, exit_interrupted, terminate
 
-# What a command turns into a sentence and an exit code. Running out of memory should not happen before the decode
-# (sizes are checked before anything of their size is allocated), but where it does (bench's whole-clip naive decode,
-# a GPU that other work filled meanwhile) it is a failure to report, not a traceback.
-STOPS = (VaepipeError, KeyboardInterrupt, MemoryError, torch.OutOfMemoryError)
+if TYPE_CHECKING:
+    from .progress import Reporter
+
 _told_interrupted = False
 
+
+def stops() -> tuple[type[BaseException], ...]:
+    """What a command turns into a sentence and an exit code. Running out of memory should not happen before the
+    decode (sizes are checked before anything of their size is allocated), but where it does (bench's whole-clip
+    naive decode, a GPU that other work filled meanwhile) it is a failure to report, not a traceback. (torch's own
+    out-of-memory error only where torch is loaded: nothing else can raise it.)"""
+    torch = sys.modules.get("torch")
+    return (VaepipeError, KeyboardInterrupt, MemoryError, *((torch.OutOfMemoryError,) if torch else ()))
+
+
+class _Group(TyperGroup):
+    def format_commands(self, ctx: typer.Context, formatter) -> None:
+        """Each command with the first paragraph of its help, wrapped rather than cut short."""
+        rows = [(name, (command.help or "").split("\n\n")[0].replace("\n", " ")) for name in self.list_commands(ctx)
+                if (command := self.get_command(ctx, name)) is not None and not command.hidden]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+class _Command(TyperCommand):
+    """Help that reads well at 80 columns (typer's plain layout, not its Rich tables): the usage line names the
+    arguments as `LATENTS OUTPUT`, and an option's value is named after it (`--vae VAE`, no `<str>`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.metavar is None and not getattr(param, "is_flag", False):
+                param.metavar = param.name.upper()
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        return [self.options_metavar, *(p.metavar for p in self.params if p.param_type_name == "argument")]
+
+    def format_options(self, ctx: typer.Context, formatter) -> None:
+        arguments, options = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":  # typer writes "LATENTS <path>" and "[required]"
+                arguments.append((param.metavar, record[1].removesuffix("[required]").rstrip()))
+            else:
+                options.append(record)
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+# Help text wraps between words, never inside one: `--no-cut-audio`, `no-exact` stay whole (typer's vendored click
+# builds its wrapper from this module at each call).
+with contextlib.suppress(ImportError):
+    from typer._click import _textwrap
+
+    class _WholeWords(_textwrap.TextWrapper):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, break_on_hyphens=False)
+
+    _textwrap.TextWrapper = _WholeWords
+
 app = typer.Typer(
+    cls=_Group,
     name="vaepipe",
     help="Decode video-diffusion latents into video: exact, overlapped, bounded memory.",
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: Rich's tables squeeze descriptions at 80 columns, and cost an import
 )
 
 
@@ -57,7 +121,8 @@ def fail(error: BaseException, reporter: Reporter | None = None) -> typer.Exit:
         console.print(MESSAGE, style="red", highlight=False, markup=False)
         _told_interrupted = True
         return typer.Exit(130)
-    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+    torch = sys.modules.get("torch")
+    if isinstance(error, MemoryError) or torch and isinstance(error, torch.OutOfMemoryError):
         detail = str(error).strip().splitlines()[0] if str(error).strip() else "an allocation failed"
         error = VaepipeError(f"out of memory ({detail}): free memory, or decode smaller latents")
     # Control characters (from a file name, say) are shown escaped, never sent to the terminal.
@@ -68,10 +133,9 @@ def fail(error: BaseException, reporter: Reporter | None = None) -> typer.Exit:
 
 # Options shared by decode and batch, under the same names (dashes become underscores in TOML).
 Vae = Annotated[str | None, typer.Option(help="VAE: a diffusers folder, a cached Hub repo id, a .safetensors/.pth "
-                                               "checkpoint (Wan), or random:<family>[-tiny] (wan2.1, wan2.2, "
-                                               "hunyuanvideo, hunyuanvideo1.5, ltx, ltx2, cogvideox, mochi, kvae). "
-                                               "Default: the diffusers VAE matching the latents' channels, from the "
-                                               "local Hub cache.")]
+                                               "checkpoint (Wan), or random:FAMILY[-tiny], random weights, FAMILY "
+                                               f"one of {', '.join(PRESET_STEMS)}. Default: the diffusers VAE "
+                                               "matching the latents' channels, from the local Hub cache.")]
 Dtype = Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU).")]
 Device = Annotated[str | None, typer.Option(help="cuda, cuda:N or cpu (default: cuda if present).")]
 Chunk = Annotated[int | None, typer.Option(help="Latent frames per decoder call after the first (default: what fits in "
@@ -114,7 +178,7 @@ Json = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 
 
-@app.command()
+@app.command(cls=_Command)
 def decode(
     latents: Annotated[Path, typer.Argument(help="Latents: .pt, .safetensors, .npy ([C,T,H,W] or [B,C,T,H,W]) or "
                                                  "a ComfyUI .latent.")],
@@ -128,10 +192,15 @@ def decode(
     metadata: Metadata = None, no_metadata: NoMetadata = False, json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Decode one latents file into a video through the three-lane pipeline."""
-    from .mux import parse_metadata
-
-    reporter = Reporter(quiet=quiet, as_json=json_out)
+    reporter = None
     try:
+        startup.loading(quiet)
+        from .encode import EncodeOptions
+        from .mux import parse_metadata
+        from .progress import Reporter
+        from .runner import DecodeOptions, Session
+
+        reporter = Reporter(quiet=quiet, as_json=json_out)
         options = DecodeOptions(vae=vae, dtype=dtype, device=device, chunk=chunk, buffers=buffers, sync=sync,
                                 denormalize=denormalize, exact=exact, engine=engine, fast=fast,
                                 decode_timestep=decode_timestep, decode_noise_scale=decode_noise_scale)
@@ -143,13 +212,13 @@ def decode(
             job = session.prepare(latents, output, options, encode)
             outputs = session.run(job)
         reporter.summary({"outputs": outputs, "load_s": round(session.load_s, 3)})
-    except STOPS as e:
+    except stops() as e:
         raise fail(e, reporter) from None
 
 
-@app.command()
+@app.command(cls=_Command)
 def batch(
-    config: Annotated[Path, typer.Argument(help="Batch config (TOML): \\[defaults] and \\[\\[jobs]]; see configs/.")],
+    config: Annotated[Path, typer.Argument(help="Batch config (TOML): [defaults] and [[jobs]]; see configs/.")],
     shard: Annotated[str | None, typer.Option(help="Take share I of N (0-based: 0/4 … 3/4) without "
                                                    "torch.distributed, for Slurm arrays or shell loops.")] = None,
     gpus: Annotated[int | None, typer.Option(help="Start N workers on this host through torchrun's launcher, "
@@ -169,11 +238,7 @@ def batch(
 ) -> None:
     """Decode many latents files as one batch: GPU kept busy, bad jobs skipped, resumable, sharded by torchrun.
 
-    Decode options given here override the config's jobs and \\[defaults]. Exit code 1 if any job failed."""
-    from . import batch as runs
-    from .config import load_config
-    from .mux import parse_metadata
-
+    Decode options given here override the config's jobs and [defaults]. Exit code 1 if any job failed."""
     given = {"vae": vae, "dtype": dtype, "device": device, "chunk": chunk, "buffers": buffers, "sync": sync,
              "fps": fps, "codec": codec, "crf": crf, "preset": preset, "pix_fmt": pix_fmt, "pad": pad,
              "encoders": int(encoders) if encoders and encoders.isdigit() else encoders,
@@ -181,8 +246,15 @@ def batch(
              "decode_timestep": decode_timestep, "decode_noise_scale": decode_noise_scale,
              "audio": str(audio.resolve()) if audio else None, "cut_audio": cut_audio, "no_metadata": no_metadata}
     overrides = {k: v for k, v in given.items() if v is not None}
-    reporter = Reporter(quiet=quiet, as_json=json_out)
+    reporter = None
     try:
+        startup.loading(quiet)
+        from . import batch as runs
+        from .config import load_config
+        from .mux import parse_metadata
+        from .progress import Reporter
+
+        reporter = Reporter(quiet=quiet, as_json=json_out)
         if metadata:
             overrides["metadata"] = parse_metadata(metadata)
         cfg = load_config(config, overrides)
@@ -209,7 +281,7 @@ def batch(
                 _print_batch(summary, reporter)
 
         summary = runs.run(cfg, options, reporter, show)
-    except STOPS as e:
+    except stops() as e:
         raise fail(e, reporter) from None
     if summary["jobs"]["failed"]:
         raise typer.Exit(1)
@@ -272,7 +344,7 @@ def _print_batch(summary: dict, reporter: Reporter) -> None:
     console.print(f"manifest: {summary['manifest']}", highlight=False)
 
 
-@app.command("make-latents")
+@app.command("make-latents", cls=_Command)
 def make_latents(
     output: Annotated[Path, typer.Argument(help="Where to write the latents (.pt, .safetensors or .npy).")],
     size: Annotated[str, typer.Option(help="Video size the latents decode to: HEIGHTxWIDTHxFRAMES.")] = "480x832x81",
@@ -286,12 +358,12 @@ def make_latents(
 
     try:
         shape = write_synthetic(output, size=size, channels=channels, batch=batch, fps=fps, seed=seed)
-    except STOPS as e:
+    except stops() as e:
         raise fail(e) from None
     typer.echo(f"wrote {output}: latents {list(shape)} at {fps:g} fps", err=True)
 
 
-@app.command()
+@app.command(cls=_Command)
 def info(json_out: Json = False) -> None:
     """Versions, GPUs, the ffmpeg in use and which encoders really work here (each probed with a real encode)."""
     import torch
@@ -299,13 +371,7 @@ def info(json_out: Json = False) -> None:
     from .encode import ffmpeg_exe, probe_encoder
 
     facts: dict = {"vaepipe": __version__, "python": platform.python_version(), "torch": torch.__version__,
-                   "cuda": torch.version.cuda, "gpus": []}
-    try:
-        import diffusers
-
-        facts["diffusers"] = diffusers.__version__
-    except ImportError:
-        facts["diffusers"] = None
+                   "cuda": torch.version.cuda, "gpus": [], "diffusers": _installed("diffusers")}
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         p = torch.cuda.get_device_properties(i)
         facts["gpus"].append({"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1)})
@@ -334,7 +400,7 @@ def info(json_out: Json = False) -> None:
         typer.echo(f"{name:>10}: {e['encoder']}: {state}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
     vae: Annotated[str, typer.Option(help="VAE to time (as for decode).")] = "random:wan2.1",
     shape: Annotated[str, typer.Option(help="Comma-separated HEIGHTxWIDTHxFRAMES sizes; synthetic latents.")]
@@ -372,10 +438,13 @@ def bench(
 ) -> None:
     """Time naive diffusers, fastvae, sync, pipelined and exact decoding to video on the same latents, in one
     process, and each decoder's decode lane alone."""
-    from .bench import BenchOptions, default_modes, print_table, run_bench
-
-    reporter = Reporter(quiet=quiet)
+    reporter = None
     try:
+        startup.loading(quiet)
+        from .bench import BenchOptions, default_modes, print_table, run_bench
+        from .progress import Reporter
+
+        reporter = Reporter(quiet=quiet)
         options = BenchOptions(vae=vae, shapes=tuple(s.strip() for s in shape.split(",") if s.strip()),
                                dtype=dtype, device=device, runs=runs,
                                modes=tuple(m.strip() for m in modes.split(",") if m.strip()) if modes is not None
@@ -385,10 +454,20 @@ def bench(
                                content=("natural", "noise") if content == "both" else (content,),
                                encoders=tuple(e.strip() for e in encoders.split(",") if e.strip()))
         report = run_bench(options, reporter)
-    except STOPS as e:
+    except stops() as e:
         raise fail(e, reporter) from None
     print_table(report, reporter)
     reporter.log(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+
+
+def _installed(package: str) -> str | None:
+    """A package's version without importing it (importing diffusers takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def main() -> None:

@@ -16,11 +16,13 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import BadInput, VaepipeError
 from .mux import Mux, check_metadata
+
+if TYPE_CHECKING:  # torch only names a type here: the command line's help imports this module, and torch takes seconds
+    import torch
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 # The speed ladders of the other encoders, indexed like X264_PRESETS (slowest last).
