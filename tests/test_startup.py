@@ -85,3 +85,78 @@ def test_a_loading_line_comes_first_on_stderr_and_never_in_json_or_quiet_output(
     json.loads(result.stdout)  # stdout holds the JSON alone
     quiet = runner.invoke(app, [*args[:2], str(tmp_path / "q.mp4"), *args[3:], "-q"])
     assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == ""
+
+
+# -- start-up parts -------------------------------------------------------------------------------------------------
+def test_json_reports_start_up_as_parts_within_the_commands_time(tmp_path, latents_file):
+    result = runner.invoke(app, ["decode", str(latents_file), str(tmp_path / "o.mp4"), "--vae", "random:wan2.1-tiny",
+                                 "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    parts = summary["startup"]
+    assert set(parts) == {"imports_s", "vae_load_s", "first_call_extra_s", "total_s"}
+    assert parts["vae_load_s"] == summary["load_s"]
+    assert parts["imports_s"] > 0 and parts["imports_s"] + parts["vae_load_s"] <= parts["total_s"]
+    assert parts["first_call_extra_s"] == pytest.approx(summary["outputs"][0]["first_call_extra_s"], abs=1e-3)
+    assert parts["first_call_extra_s"] >= 0
+    assert "start-up: imports" in runner.invoke(app, ["decode", str(latents_file), str(tmp_path / "t.mp4"), "--vae",
+                                                      "random:wan2.1-tiny", "--device", "cpu"]).stderr
+
+
+def test_first_call_extra_is_the_decode_time_beyond_the_steady_rate():
+    from vaepipe.startup import first_call_extra_s
+
+    chunks = [1, 4, 4, 4, 4]
+    busy = [1.0, 0.9, 0.4, 0.44, 0.36]  # the first full chunk carries its shape's set-up; steady 0.1 s a frame
+    spans = [("decode", i, 10.0 * i, 10.0 * i + b) for i, b in enumerate(busy)] + [("encode", 0, 0.0, 5.0)]
+    assert first_call_extra_s(spans, chunks) == pytest.approx(sum(busy) - 0.1 * 17)
+    assert first_call_extra_s(spans[:2], chunks[:2]) is None  # no steady chunk to compare with
+
+
+# -- loading --------------------------------------------------------------------------------------------------------
+def test_a_preset_is_built_on_its_target_device(monkeypatch):
+    import torch
+
+    from vaepipe.vae import load_vae
+
+    seen = []
+    init = torch.nn.init.kaiming_uniform_
+
+    def recording(tensor, *args, **kwargs):
+        seen.append(tensor.device.type)
+        return init(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", recording)
+    vae = load_vae("random:wan2.1-tiny", dtype=torch.bfloat16, device=torch.device("meta"))
+    assert seen and set(seen) == {"meta"}  # initialised where it runs, never on the CPU first
+    assert {p.device.type for p in vae.model.parameters()} == {"meta"} and vae.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("preset", ["random:wan2.1-tiny", "random:wan2.2-tiny"])
+def test_a_preset_decodes_finite_frames_in_bf16(preset):
+    import torch
+
+    from vaepipe.vae import load_vae
+
+    vae = load_vae(preset, dtype=torch.bfloat16, device=torch.device("cpu"))
+    again = load_vae(preset, dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(vae.model.state_dict().values(), again.model.state_dict().values(),
+                                                 strict=True))  # seeded: the same weights in every process
+    z = torch.randn(1, vae.z_dim, 3, 4, 6, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        video = vae.model.decode(z).sample
+    assert video.shape[2] == 9 and bool(torch.isfinite(video).all()) and video.float().std() > 0.01
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_folder_loads_the_weights_diffusers_from_pretrained_loads(tmp_path, dtype):
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from vaepipe.vae import DTYPES, load_vae
+
+    load_vae("random:wan2.1-tiny", dtype=torch.float32, device=torch.device("cpu")).model.save_pretrained(tmp_path)
+    got = load_vae(str(tmp_path), dtype=DTYPES[dtype], device=torch.device("cpu")).model.state_dict()
+    want = AutoencoderKLWan.from_pretrained(tmp_path, torch_dtype=DTYPES[dtype]).state_dict()
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)

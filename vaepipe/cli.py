@@ -200,6 +200,7 @@ def decode(
         from .progress import Reporter
         from .runner import DecodeOptions, Session
 
+        imported = startup.process_s()
         reporter = Reporter(quiet=quiet, as_json=json_out)
         options = DecodeOptions(vae=vae, dtype=dtype, device=device, chunk=chunk, buffers=buffers, sync=sync,
                                 denormalize=denormalize, exact=exact, engine=engine, fast=fast,
@@ -207,11 +208,16 @@ def decode(
         encode = EncodeOptions(codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, fps=fps, pad=pad,
                                encoders=encoders, audio=audio, cut_audio=cut_audio,
                                metadata=parse_metadata(metadata) if metadata else None, no_metadata=no_metadata)
+        startup.init_device_early(options.torch_device())
+        if vae and vae.startswith("random:"):  # a preset's checks read its class's signature
+            startup.import_diffusers()
         with reporter:
             session = Session(reporter)
             job = session.prepare(latents, output, options, encode)
             outputs = session.run(job)
-        reporter.summary({"outputs": outputs, "load_s": round(session.load_s, 3)})
+        reporter.summary({"outputs": outputs, "load_s": round(session.load_s, 3),
+                          "startup": startup.parts(imports_done_s=imported, vae_load_s=session.load_s,
+                                                   first_call_extra=outputs[0]["first_call_extra_s"])})
     except stops() as e:
         raise fail(e, reporter) from None
 

@@ -71,6 +71,12 @@ class Reporter:
                 f"({out['frames'] / out['wall_s']:.1f} fps), decode-lane utilization "
                 f"{out['decode_utilization']:.1%}; encoder drain after the last frame {out['encoder_drain_s']:.3f} s",
                 highlight=False)
+        if parts := summary.get("startup"):
+            extra = parts["first_call_extra_s"]
+            self.progress.console.print(
+                f"start-up: imports {parts['imports_s']:.2f} s, VAE load {parts['vae_load_s']:.2f} s, first-call extra"
+                f" {'–' if extra is None else f'{extra:.2f} s'}; {parts['total_s']:.2f} s since the command started",
+                highlight=False)
 
 
 class _LaneRows:
