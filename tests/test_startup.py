@@ -160,3 +160,20 @@ def test_a_folder_loads_the_weights_diffusers_from_pretrained_loads(tmp_path, dt
     want = AutoencoderKLWan.from_pretrained(tmp_path, torch_dtype=DTYPES[dtype]).state_dict()
     assert got.keys() == want.keys()
     assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+
+
+# -- bench's one-shot row -------------------------------------------------------------------------------------------
+def test_bench_times_the_whole_command_from_fresh_processes(tmp_path):
+    out = tmp_path / "bench"
+    result = runner.invoke(app, ["bench", "--device", "cpu", "--vae", "random:wan2.1-tiny", "--shape", "16x16x9",
+                                 "--runs", "1", "--modes", "pipelined", "--content", "noise", "--no-decoders",
+                                 "--one-shot", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads((out / "bench.json").read_text())["one_shot"]
+    assert row["shape"] == "16x16x9" and row["runs"] == 2 and len(row["wall_s"]["each"]) == 2
+    # The parent's wall holds the child's whole life: its start-up parts and more.
+    for wall, parts in zip(row["wall_s"]["each"], row["startup_each"], strict=True):
+        assert wall >= parts["total_s"] >= parts["imports_s"] + parts["vae_load_s"] > 0
+    assert row["startup"]["imports_s"] > 0
+    assert (out / "one-shot" / "16x16x9.mp4").stat().st_size > 0
+    assert "One-shot" in (out / "bench.md").read_text() and "one-shot" in result.output

@@ -440,6 +440,9 @@ def bench(
                                                              "an fp32 decode with fp32 weights.")] = False,
     encoders: Annotated[str, typer.Option(help="Comma-separated --encoders values to compare, such as 1,auto; "
                                                "each its own table.")] = "auto",
+    one_shot: Annotated[int | None, typer.Option(help="Fresh-process runs of the whole `vaepipe decode` command "
+                                                      "per shape, start-up included (default: 3 on GPUs, none "
+                                                      "on the CPU).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Time naive diffusers, fastvae, sync, pipelined and exact decoding to video on the same latents, in one
@@ -458,7 +461,8 @@ def bench(
                                buffers=buffers, out=out, trace=trace, plot=plot, profile=profile, crf=crf,
                                preset=preset, codec=codec, decoders=decoders, fidelity=fidelity,
                                content=("natural", "noise") if content == "both" else (content,),
-                               encoders=tuple(e.strip() for e in encoders.split(",") if e.strip()))
+                               encoders=tuple(e.strip() for e in encoders.split(",") if e.strip()),
+                               one_shot=one_shot)
         report = run_bench(options, reporter)
     except stops() as e:
         raise fail(e, reporter) from None
