@@ -177,3 +177,45 @@ def test_bench_times_the_whole_command_from_fresh_processes(tmp_path):
     assert row["startup"]["imports_s"] > 0
     assert (out / "one-shot" / "16x16x9.mp4").stat().st_size > 0
     assert "One-shot" in (out / "bench.md").read_text() and "one-shot" in result.output
+
+
+# -- the engine's set-up, remembered per machine ------------------------------------------------------------------
+def test_warmup_records_a_choice_that_the_next_process_uses(tmp_path, monkeypatch):
+    import torch
+
+    from vaepipe.engine import Engine, tuning
+    from vaepipe.vae import load_vae
+
+    monkeypatch.setenv("VAEPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("VAEPIPE_CUDNN_TUNING", raising=False)
+    result = runner.invoke(app, ["warmup", "--device", "cpu", "--vae", "random:wan2.1-tiny", "--size", "16x32",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    (warmed,) = json.loads(result.stdout)["warmed"]
+    assert warmed["size"] == "16x32" and isinstance(warmed["cudnn_tuning"], bool)
+    assert set(warmed["calls_s"]) == {"tuned", "heuristic"} and len(warmed["calls_s"]["tuned"]) == 4
+    (key, record), = tuning.records().items()
+    assert record["cudnn_tuning"] == warmed["cudnn_tuning"]
+
+    vae = load_vae("random:wan2.1-tiny", dtype=torch.float32, device=torch.device("cpu"))
+    engine = Engine(vae.model, exact=False)
+    z = torch.randn(1, 16, 2, 2, 4)
+    k = engine.chunk_for(2, 4)
+    assert key == tuning.record_key(engine, 2, 4, k)  # the record is for this decode's shapes
+    for stored in (False, True):  # what a later process decoding at that size reads
+        tuning.remember(key, {**record, "cudnn_tuning": stored})
+        with torch.inference_mode():
+            list(engine.stream(z))
+        assert engine.ctx.tune_cudnn is stored
+    monkeypatch.setenv("VAEPIPE_CUDNN_TUNING", "0")
+    with torch.inference_mode():
+        list(engine.stream(z))
+    assert engine.ctx.tune_cudnn is False
+
+
+def test_warmup_without_a_gpu_has_nothing_to_do(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = runner.invoke(app, ["warmup"])
+    assert result.exit_code == 0 and "nothing to warm up" in result.output

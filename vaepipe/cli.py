@@ -470,6 +470,48 @@ def bench(
     reporter.log(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
 
 
+@app.command(cls=_Command)
+def warmup(
+    vae: Annotated[list[str] | None, typer.Option(help="VAE to warm up, repeatable, as for decode (default: "
+                                                       "random:wan2.1 and random:wan2.2, the released Wan VAEs' "
+                                                       "architectures: their kernels serve trained weights too).")]
+    = None,
+    size: Annotated[str, typer.Option(help="Comma-separated video sizes HEIGHTxWIDTH to warm up.")]
+    = "480x832,720x1280",
+    dtype: Dtype = None, device: Device = None, exact: Exact = False, json_out: Json = False, quiet: Quiet = False,
+) -> None:
+    """Pay the decode engine's first-call set-up ahead of time: compile its Triton kernels (kept in Triton's cache)
+    and record per VAE and frame size whether cuDNN's tuning pays for a clip (kept in ~/.cache/vaepipe).
+
+    Each size runs a short clip in two fresh processes. `make install` runs it on GPU machines."""
+    reporter = None
+    try:
+        startup.loading(quiet)
+        import torch
+
+        from .engine import tuning
+        from .progress import Reporter
+
+        reporter = Reporter(quiet=quiet, as_json=json_out)
+        if device is None and not torch.cuda.is_available():
+            reporter.log("no CUDA GPU here: nothing to warm up (the engine runs on GPUs)")
+            reporter.summary({"warmed": []})
+            return
+        sizes = [s.strip() for s in size.split(",") if s.strip()]
+        warmed = []
+        for src in vae or ["random:wan2.1", "random:wan2.2"]:
+            for text in sizes:
+                reporter.log(f"warming up {src} at {text}…")
+                record = tuning.warm_up(src, text, dtype=dtype, device=device, exact=exact)
+                clip = record["standard_clip_s"]
+                reporter.log(f"  81 frames: {clip['tuned']:.3f} s with cuDNN tuning, {clip['heuristic']:.3f} s with"
+                             f" its heuristic: {'tuning' if record['cudnn_tuning'] else 'no tuning'} from now on")
+                warmed.append({"vae": src, "size": text, **record})
+        reporter.summary({"warmed": warmed, "cache": str(tuning.cache_dir())})
+    except stops() as e:
+        raise fail(e, reporter) from None
+
+
 def _installed(package: str) -> str | None:
     """A package's version without importing it (importing diffusers takes seconds)."""
     from importlib.metadata import PackageNotFoundError, version

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kernels
+from . import kernels, tuning
 from .decoder import Context, Decoder, Op
 from .kernels import Pending
 
@@ -133,6 +133,7 @@ class Engine:
 
         _, _, frames, h, w = z.shape
         k = self.chunk_for(h, w)
+        self.ctx.tune_cudnn = tuning.cudnn_tuning(self, h, w, k)  # (this machine's record: tuning.py)
         if not self.diffusers_stream:
             x = self.vae.post_quant_conv(z)  # diffusers' own call, on the whole latent as in `_decode`
             sizes = schedule(frames, k)

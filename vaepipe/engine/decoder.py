@@ -64,6 +64,8 @@ class Context:
         ways that gives those prints."""
         self.latent_start = 0
         """The first latent frame of the decoder's call that is running."""
+        self.tune_cudnn = True
+        """Whether the steady calls' convs let cuDNN tune (tuning.py: per machine and frame size)."""
         self.printed: list[tuple[Conv, tuple]] = []
         """The conv ways that the prints sent to diffusers' call, as (conv, key): where the clip differs, an op before
         them may be the cause, and the op-by-op pass checks them again."""
@@ -254,7 +256,7 @@ class Conv(Op):
         if way is None and (self.ctx.checking or self.ctx.diffusers_prints is not None and frames > per_call):
             return self._check(key, frames, per_call, fast, reference)
         if way is None:  # both policies' first choice (the exact one's self-check confirms it on the real shapes)
-            way = Way(tuned=frames == self.max_frames, per_call=False)
+            way = Way(tuned=frames == self.max_frames and self.ctx.tune_cudnn, per_call=False)
         return reference() if way.diffusers else fast(way)
 
     def _check(self, key: tuple, frames: int, per_call: int, fast: Callable[[Way], Pending],
@@ -279,7 +281,7 @@ class Conv(Op):
                 def gives_it(got: Pending) -> bool:
                     return None not in prints and torch.equal(
                         kernels.fingerprints(kernels.materialize_reference(got), per_call), torch.stack(prints))
-        ways = [Way(tuned=frames == self.max_frames, per_call=False)]
+        ways = [Way(tuned=frames == self.max_frames and ctx.tune_cudnn, per_call=False)]
         if frames > per_call:
             ways.append(Way(tuned=False, per_call=True))
         for way in ways:
