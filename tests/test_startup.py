@@ -58,7 +58,7 @@ def help_text(*args: str) -> str:
     return result.output
 
 
-@pytest.mark.parametrize("command", [[], ["decode"], ["batch"], ["make-latents"], ["info"], ["bench"]],
+@pytest.mark.parametrize("command", [[], ["decode"], ["batch"], ["make-latents"], ["info"], ["bench"], ["warmup"]],
                          ids=lambda c: c[0] if c else "vaepipe")
 def test_help_reads_well_at_80_columns(command):
     text = help_text(*command)

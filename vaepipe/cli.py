@@ -478,7 +478,10 @@ def warmup(
     = None,
     size: Annotated[str, typer.Option(help="Comma-separated video sizes HEIGHTxWIDTH to warm up.")]
     = "480x832,720x1280",
-    dtype: Dtype = None, device: Device = None, exact: Exact = False, json_out: Json = False, quiet: Quiet = False,
+    dtype: Dtype = None, device: Device = None,
+    exact: Annotated[bool, typer.Option("--exact/--no-exact", help="Warm up decode --exact's policy instead of the "
+                                                                   "default one.")] = False,
+    json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Pay the decode engine's first-call set-up ahead of time: compile its Triton kernels (kept in Triton's cache)
     and record per VAE and frame size whether cuDNN's tuning pays for a clip (kept in ~/.cache/vaepipe).
