@@ -5,7 +5,6 @@ answer at once; a command imports what it needs when it runs, after a "loadingâ€
 
 from __future__ import annotations
 
-import contextlib
 import json
 import platform
 import re
@@ -15,11 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from typer.core import TyperCommand, TyperGroup
 
 from . import __version__, startup
 from .encode import CODECS
 from .errors import BadInput, VaepipeError
+from .helptext import Command, Group
 from .names import PRESET_STEMS
 from .stop import MESSAGE, exit_interrupted, terminate
 
@@ -38,57 +37,8 @@ def stops() -> tuple[type[BaseException], ...]:
     return (VaepipeError, KeyboardInterrupt, MemoryError, *((torch.OutOfMemoryError,) if torch else ()))
 
 
-class _Group(TyperGroup):
-    def format_commands(self, ctx: typer.Context, formatter) -> None:
-        """Each command with the first paragraph of its help, wrapped rather than cut short."""
-        rows = [(name, (command.help or "").split("\n\n")[0].replace("\n", " ")) for name in self.list_commands(ctx)
-                if (command := self.get_command(ctx, name)) is not None and not command.hidden]
-        with formatter.section("Commands"):
-            formatter.write_dl(rows)
-
-
-class _Command(TyperCommand):
-    """Help that reads well at 80 columns (typer's plain layout, not its Rich tables): the usage line names the
-    arguments as `LATENTS OUTPUT`, and an option's value is named after it (`--vae VAE`, no `<str>`)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        for param in self.params:
-            if param.metavar is None and not getattr(param, "is_flag", False):
-                param.metavar = param.name.upper()
-
-    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
-        return [self.options_metavar, *(p.metavar for p in self.params if p.param_type_name == "argument")]
-
-    def format_options(self, ctx: typer.Context, formatter) -> None:
-        arguments, options = [], []
-        for param in self.get_params(ctx):
-            record = param.get_help_record(ctx)
-            if record is None:
-                continue
-            if param.param_type_name == "argument":  # typer writes "LATENTS <path>" and "[required]"
-                arguments.append((param.metavar, record[1].removesuffix("[required]").rstrip()))
-            else:
-                options.append(record)
-        for title, rows in (("Arguments", arguments), ("Options", options)):
-            if rows:
-                with formatter.section(title):
-                    formatter.write_dl(rows)
-
-
-# Help text wraps between words, never inside one: `--no-cut-audio`, `no-exact` stay whole (typer's vendored click
-# builds its wrapper from this module at each call).
-with contextlib.suppress(ImportError):
-    from typer._click import _textwrap
-
-    class _WholeWords(_textwrap.TextWrapper):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs, break_on_hyphens=False)
-
-    _textwrap.TextWrapper = _WholeWords
-
 app = typer.Typer(
-    cls=_Group,
+    cls=Group,
     name="vaepipe",
     help="Decode video-diffusion latents into video: exact, overlapped, bounded memory.",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -178,7 +128,7 @@ Json = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def decode(
     latents: Annotated[Path, typer.Argument(help="Latents: .pt, .safetensors, .npy ([C,T,H,W] or [B,C,T,H,W]) or "
                                                  "a ComfyUI .latent.")],
@@ -222,7 +172,7 @@ def decode(
         raise fail(e, reporter) from None
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def batch(
     config: Annotated[Path, typer.Argument(help="Batch config (TOML): [defaults] and [[jobs]]; see configs/.")],
     shard: Annotated[str | None, typer.Option(help="Take share I of N (0-based: 0/4 â€¦ 3/4) without "
@@ -350,7 +300,7 @@ def _print_batch(summary: dict, reporter: Reporter) -> None:
     console.print(f"manifest: {summary['manifest']}", highlight=False)
 
 
-@app.command("make-latents", cls=_Command)
+@app.command("make-latents", cls=Command)
 def make_latents(
     output: Annotated[Path, typer.Argument(help="Where to write the latents (.pt, .safetensors or .npy).")],
     size: Annotated[str, typer.Option(help="Video size the latents decode to: HEIGHTxWIDTHxFRAMES.")] = "480x832x81",
@@ -369,7 +319,7 @@ def make_latents(
     typer.echo(f"wrote {output}: latents {list(shape)} at {fps:g} fps", err=True)
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def info(json_out: Json = False) -> None:
     """Versions, GPUs, the ffmpeg in use and which encoders really work here (each probed with a real encode)."""
     import torch
@@ -406,7 +356,7 @@ def info(json_out: Json = False) -> None:
         typer.echo(f"{name:>10}: {e['encoder']}: {state}")
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def bench(
     vae: Annotated[str, typer.Option(help="VAE to time (as for decode).")] = "random:wan2.1",
     shape: Annotated[str, typer.Option(help="Comma-separated HEIGHTxWIDTHxFRAMES sizes; synthetic latents.")]
@@ -470,7 +420,7 @@ def bench(
     reporter.log(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def warmup(
     vae: Annotated[list[str] | None, typer.Option(help="VAE to warm up, repeatable, as for decode (default: "
                                                        "random:wan2.1 and random:wan2.2, the released Wan VAEs' "
