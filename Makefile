@@ -29,6 +29,10 @@ else
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_CPU_INDEX),--index-url $(TORCH_CPU_INDEX))
 endif
 	$(BIN)/python -m pip install -q -e '.[test,plot,naive,natural]'
+ifeq ($(HAS_GPU),yes)
+	# The engine's Triton kernels compiled and cuDNN's tuning choice recorded now, not in the first decode.
+	$(BIN)/vaepipe warmup || echo "vaepipe warmup failed: decodes still work, their first calls pay the set-up"
+endif
 	touch $@
 
 demo: install ## Decode synthetic latents with a random-weight VAE into demo/demo.mp4

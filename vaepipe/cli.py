@@ -1,4 +1,7 @@
-"""The command line: thin commands over the shared runner. Only this module turns errors into exit codes."""
+"""The command line: thin commands over the shared runner. Only this module turns errors into exit codes.
+
+Start-up: this module imports neither torch nor diffusers (seconds of imports), so that `--help` and argument errors
+answer at once; a command imports what it needs when it runs, after a "loading…" line where that takes seconds."""
 
 from __future__ import annotations
 
@@ -6,32 +9,43 @@ import json
 import platform
 import re
 import signal
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 
-from . import __version__
-from .encode import CODECS, EncodeOptions
+from . import __version__, startup
+from .encode import CODECS
 from .errors import BadInput, VaepipeError
-from .progress import Reporter
-from .runner import DecodeOptions, Session
+from .helptext import Command, Group
+from .names import PRESET_STEMS
 from .stop import MESSAGE, exit_interrupted, terminate
 
-# What a command turns into a sentence and an exit code. Running out of memory should not happen before the decode
-# (sizes are checked before anything of their size is allocated), but where it does (bench's whole-clip naive decode,
-# a GPU that other work filled meanwhile) it is a failure to report, not a traceback.
-STOPS = (VaepipeError, KeyboardInterrupt, MemoryError, torch.OutOfMemoryError)
+if TYPE_CHECKING:
+    from .progress import Reporter
+
 _told_interrupted = False
 
+
+def stops() -> tuple[type[BaseException], ...]:
+    """What a command turns into a sentence and an exit code. Running out of memory should not happen before the
+    decode (sizes are checked before anything of their size is allocated), but where it does (bench's whole-clip
+    naive decode, a GPU that other work filled meanwhile) it is a failure to report, not a traceback. (torch's own
+    out-of-memory error only where torch is loaded: nothing else can raise it.)"""
+    torch = sys.modules.get("torch")
+    return (VaepipeError, KeyboardInterrupt, MemoryError, *((torch.OutOfMemoryError,) if torch else ()))
+
+
 app = typer.Typer(
+    cls=Group,
     name="vaepipe",
     help="Decode video-diffusion latents into video: exact, overlapped, bounded memory.",
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: Rich's tables squeeze descriptions at 80 columns, and cost an import
 )
 
 
@@ -57,7 +71,8 @@ def fail(error: BaseException, reporter: Reporter | None = None) -> typer.Exit:
         console.print(MESSAGE, style="red", highlight=False, markup=False)
         _told_interrupted = True
         return typer.Exit(130)
-    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+    torch = sys.modules.get("torch")
+    if isinstance(error, MemoryError) or torch and isinstance(error, torch.OutOfMemoryError):
         detail = str(error).strip().splitlines()[0] if str(error).strip() else "an allocation failed"
         error = VaepipeError(f"out of memory ({detail}): free memory, or decode smaller latents")
     # Control characters (from a file name, say) are shown escaped, never sent to the terminal.
@@ -68,10 +83,9 @@ def fail(error: BaseException, reporter: Reporter | None = None) -> typer.Exit:
 
 # Options shared by decode and batch, under the same names (dashes become underscores in TOML).
 Vae = Annotated[str | None, typer.Option(help="VAE: a diffusers folder, a cached Hub repo id, a .safetensors/.pth "
-                                               "checkpoint (Wan), or random:<family>[-tiny] (wan2.1, wan2.2, "
-                                               "hunyuanvideo, hunyuanvideo1.5, ltx, ltx2, cogvideox, mochi, kvae). "
-                                               "Default: the diffusers VAE matching the latents' channels, from the "
-                                               "local Hub cache.")]
+                                               "checkpoint (Wan), or random:FAMILY[-tiny], random weights, FAMILY "
+                                               f"one of {', '.join(PRESET_STEMS)}. Default: the diffusers VAE "
+                                               "matching the latents' channels, from the local Hub cache.")]
 Dtype = Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU).")]
 Device = Annotated[str | None, typer.Option(help="cuda, cuda:N or cpu (default: cuda if present).")]
 Chunk = Annotated[int | None, typer.Option(help="Latent frames per decoder call after the first (default: what fits in "
@@ -121,7 +135,7 @@ Json = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 
 
-@app.command()
+@app.command(cls=Command)
 def decode(
     latents: Annotated[Path, typer.Argument(help="Latents: .pt, .safetensors, .npy ([C,T,H,W] or [B,C,T,H,W]) or "
                                                  "a ComfyUI .latent.")],
@@ -136,10 +150,16 @@ def decode(
     band_caches: BandCaches = None, json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Decode one latents file into a video through the three-lane pipeline."""
-    from .mux import parse_metadata
-
-    reporter = Reporter(quiet=quiet, as_json=json_out)
+    reporter = None
     try:
+        startup.loading(quiet)
+        from .encode import EncodeOptions
+        from .mux import parse_metadata
+        from .progress import Reporter
+        from .runner import DecodeOptions, Session
+
+        imported = startup.process_s()
+        reporter = Reporter(quiet=quiet, as_json=json_out)
         options = DecodeOptions(vae=vae, dtype=dtype, device=device, chunk=chunk, buffers=buffers, sync=sync,
                                 denormalize=denormalize, exact=exact, engine=engine, fast=fast,
                                 decode_timestep=decode_timestep, decode_noise_scale=decode_noise_scale,
@@ -147,18 +167,23 @@ def decode(
         encode = EncodeOptions(codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, fps=fps, pad=pad,
                                encoders=encoders, audio=audio, cut_audio=cut_audio,
                                metadata=parse_metadata(metadata) if metadata else None, no_metadata=no_metadata)
+        startup.init_device_early(options.torch_device())
+        if vae and vae.startswith("random:"):  # a preset's checks read its class's signature
+            startup.import_diffusers()
         with reporter:
             session = Session(reporter)
             job = session.prepare(latents, output, options, encode)
             outputs = session.run(job)
-        reporter.summary({"outputs": outputs, "load_s": round(session.load_s, 3)})
-    except STOPS as e:
+        reporter.summary({"outputs": outputs, "load_s": round(session.load_s, 3),
+                          "startup": startup.parts(imports_done_s=imported, vae_load_s=session.load_s,
+                                                   first_call_extra=outputs[0]["first_call_extra_s"])})
+    except stops() as e:
         raise fail(e, reporter) from None
 
 
-@app.command()
+@app.command(cls=Command)
 def batch(
-    config: Annotated[Path, typer.Argument(help="Batch config (TOML): \\[defaults] and \\[\\[jobs]]; see configs/.")],
+    config: Annotated[Path, typer.Argument(help="Batch config (TOML): [defaults] and [[jobs]]; see configs/.")],
     shard: Annotated[str | None, typer.Option(help="Take share I of N (0-based: 0/4 … 3/4) without "
                                                    "torch.distributed, for Slurm arrays or shell loops.")] = None,
     gpus: Annotated[int | None, typer.Option(help="Start N workers on this host through torchrun's launcher, "
@@ -181,11 +206,7 @@ def batch(
 ) -> None:
     """Decode many latents files as one batch: GPU kept busy, bad jobs skipped, resumable, sharded by torchrun.
 
-    Decode options given here override the config's jobs and \\[defaults]. Exit code 1 if any job failed."""
-    from . import batch as runs
-    from .config import load_config
-    from .mux import parse_metadata
-
+    Decode options given here override the config's jobs and [defaults]. Exit code 1 if any job failed."""
     given = {"vae": vae, "dtype": dtype, "device": device, "chunk": chunk, "buffers": buffers, "sync": sync,
              "fps": fps, "codec": codec, "crf": crf, "preset": preset, "pix_fmt": pix_fmt, "pad": pad,
              "encoders": int(encoders) if encoders and encoders.isdigit() else encoders,
@@ -194,8 +215,15 @@ def batch(
              "audio": str(audio.resolve()) if audio else None, "cut_audio": cut_audio, "no_metadata": no_metadata,
              "bands": bands, "max_vram": max_vram, "band_caches": band_caches}
     overrides = {k: v for k, v in given.items() if v is not None}
-    reporter = Reporter(quiet=quiet, as_json=json_out)
+    reporter = None
     try:
+        startup.loading(quiet)
+        from . import batch as runs
+        from .config import load_config
+        from .mux import parse_metadata
+        from .progress import Reporter
+
+        reporter = Reporter(quiet=quiet, as_json=json_out)
         if metadata:
             overrides["metadata"] = parse_metadata(metadata)
         cfg = load_config(config, overrides, allow_outside=allow_outside)
@@ -223,7 +251,7 @@ def batch(
                 _print_batch(summary, reporter)
 
         summary = runs.run(cfg, options, reporter, show)
-    except STOPS as e:
+    except stops() as e:
         raise fail(e, reporter) from None
     if summary["jobs"]["failed"]:
         raise typer.Exit(1)
@@ -297,7 +325,7 @@ def _print_batch(summary: dict, reporter: Reporter) -> None:
     console.print(f"manifest: {summary['manifest']}", highlight=False)
 
 
-@app.command("make-latents")
+@app.command("make-latents", cls=Command)
 def make_latents(
     output: Annotated[Path, typer.Argument(help="Where to write the latents (.pt, .safetensors, .npy, or .latent "
                                                 "as ComfyUI's SaveLatent writes them, for Wan).")],
@@ -316,13 +344,13 @@ def make_latents(
 
     try:
         shape = write_synthetic(output, size=size, channels=channels, vae=vae, batch=batch, fps=fps, seed=seed)
-    except STOPS as e:
+    except stops() as e:
         raise fail(e) from None
     stored = "" if output.suffix.lower() == ".latent" else f" at {fps:g} fps"  # ComfyUI's files hold no fps
     typer.echo(f"wrote {output}: latents {list(shape)}{stored}", err=True)
 
 
-@app.command()
+@app.command(cls=Command)
 def info(json_out: Json = False) -> None:
     """Versions, GPUs, the ffmpeg in use and which encoders really work here (each probed with a real encode)."""
     import torch
@@ -330,13 +358,7 @@ def info(json_out: Json = False) -> None:
     from .encode import ffmpeg_exe, probe_encoder
 
     facts: dict = {"vaepipe": __version__, "python": platform.python_version(), "torch": torch.__version__,
-                   "cuda": torch.version.cuda, "gpus": []}
-    try:
-        import diffusers
-
-        facts["diffusers"] = diffusers.__version__
-    except ImportError:
-        facts["diffusers"] = None
+                   "cuda": torch.version.cuda, "gpus": [], "diffusers": _installed("diffusers")}
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         p = torch.cuda.get_device_properties(i)
         facts["gpus"].append({"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1)})
@@ -365,7 +387,7 @@ def info(json_out: Json = False) -> None:
         typer.echo(f"{name:>10}: {e['encoder']}: {state}")
 
 
-@app.command()
+@app.command(cls=Command)
 def bench(
     vae: Annotated[str | None, typer.Option(help="VAE to time (as for decode). Default: random:wan2.1; "
                                                  "without a GPU random:wan2.1-tiny.")] = None,
@@ -402,14 +424,21 @@ def bench(
                                                              "an fp32 decode with fp32 weights.")] = False,
     encoders: Annotated[str, typer.Option(help="Comma-separated --encoders values to compare, such as 1,auto; "
                                                "each its own table.")] = "auto",
-    json_out: Json = False, quiet: Quiet = False,
+    json_out: Json = False,
+    one_shot: Annotated[int | None, typer.Option(help="Fresh-process runs of the whole `vaepipe decode` command "
+                                                      "per shape, start-up included (default: 3 on GPUs, none "
+                                                      "on the CPU).")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Time naive diffusers, fastvae, sync, pipelined and exact decoding to video on the same latents, in one
     process, and each decoder's decode lane alone."""
-    from .bench import BenchOptions, bench_defaults, default_modes, print_table, run_bench
-
-    reporter = Reporter(quiet=quiet, as_json=json_out)
+    reporter = None
     try:
+        startup.loading(quiet)
+        from .bench import BenchOptions, bench_defaults, default_modes, print_table, run_bench
+        from .progress import Reporter
+
+        reporter = Reporter(quiet=quiet, as_json=json_out)
         vae, shapes, runs, note = bench_defaults(device, vae, shape, runs)
         if note:
             reporter.log(note)
@@ -419,14 +448,70 @@ def bench(
                                buffers=buffers, out=out, trace=trace, plot=plot, profile=profile, crf=crf,
                                preset=preset, codec=codec, decoders=decoders, fidelity=fidelity,
                                content=("natural", "noise") if content == "both" else (content,),
-                               encoders=tuple(e.strip() for e in encoders.split(",") if e.strip()))
+                               encoders=tuple(e.strip() for e in encoders.split(",") if e.strip()),
+                               one_shot=one_shot)
         report = run_bench(options, reporter)
-    except STOPS as e:
+    except stops() as e:
         raise fail(e, reporter) from None
     print_table(report, reporter)
     reporter.log(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     if json_out:
         typer.echo(json.dumps(report, indent=2))
+
+
+@app.command(cls=Command)
+def warmup(
+    vae: Annotated[list[str] | None, typer.Option(help="VAE to warm up, repeatable, as for decode (default: "
+                                                       "random:wan2.1 and random:wan2.2, the released Wan VAEs' "
+                                                       "architectures: their kernels serve trained weights too).")]
+    = None,
+    size: Annotated[str, typer.Option(help="Comma-separated video sizes HEIGHTxWIDTH to warm up.")]
+    = "480x832,720x1280",
+    dtype: Dtype = None, device: Device = None,
+    exact: Annotated[bool, typer.Option("--exact/--no-exact", help="Warm up decode --exact's policy instead of the "
+                                                                   "default one.")] = False,
+    json_out: Json = False, quiet: Quiet = False,
+) -> None:
+    """Pay the decode engine's first-call set-up ahead of time: compile its Triton kernels (kept in Triton's cache)
+    and record per VAE and frame size whether cuDNN's tuning pays for a clip (kept in ~/.cache/vaepipe).
+
+    Each size runs a short clip in two fresh processes. `make install` runs it on GPU machines."""
+    reporter = None
+    try:
+        startup.loading(quiet)
+        import torch
+
+        from .engine import tuning
+        from .progress import Reporter
+
+        reporter = Reporter(quiet=quiet, as_json=json_out)
+        if device is None and not torch.cuda.is_available():
+            reporter.log("no CUDA GPU here: nothing to warm up (the engine runs on GPUs)")
+            reporter.summary({"warmed": []})
+            return
+        sizes = [s.strip() for s in size.split(",") if s.strip()]
+        warmed = []
+        for src in vae or ["random:wan2.1", "random:wan2.2"]:
+            for text in sizes:
+                reporter.log(f"warming up {src} at {text}…")
+                record = tuning.warm_up(src, text, dtype=dtype, device=device, exact=exact)
+                clip = record["standard_clip_s"]
+                reporter.log(f"  81 frames: {clip['tuned']:.3f} s with cuDNN tuning, {clip['heuristic']:.3f} s with"
+                             f" its heuristic: {'tuning' if record['cudnn_tuning'] else 'no tuning'} from now on")
+                warmed.append({"vae": src, "size": text, **record})
+        reporter.summary({"warmed": warmed, "cache": str(tuning.cache_dir())})
+    except stops() as e:
+        raise fail(e, reporter) from None
+
+
+def _installed(package: str) -> str | None:
+    """A package's version without importing it (importing diffusers takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def main() -> None:

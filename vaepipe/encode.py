@@ -17,12 +17,14 @@ import threading
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import BadInput, VaepipeError
 from .ffmpeg import ffmpeg_exe, file_size_limit
 from .mux import Audio, Mux, check_metadata, for_sample, plan_mux
+
+if TYPE_CHECKING:  # torch only names a type here: the command line's help imports this module, and torch takes seconds
+    import torch
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 # The speed ladders of the other encoders, indexed like X264_PRESETS (slowest last).

@@ -47,6 +47,8 @@ class LaneStats:
     """Concurrent encoders (segments) the encode lane fed."""
     spans: list[tuple[str, int, float, float]] = field(default_factory=list)
     """(lane, chunk, start, end) in seconds since the lanes started: the timeline a trace shows."""
+    chunk_frames: list[int] = field(default_factory=list)
+    """Frames of each chunk, in order (with the decode spans: the first calls' extra time, startup.py)."""
     engine: dict | None = None
     """What the engine did (policy, latent frames per call, self-check time and fallbacks), when it decoded."""
     bands: dict | None = None
@@ -177,6 +179,7 @@ def _run_overlapped(pieces, sink, chunk, buffers, lanes, stats, progress, jitter
                 break
             lanes.copy(slot, n)
             work.put((slot, n, n_chunk))
+            stats.chunk_frames.append(n)
             stats.frames += n
             stats.chunks += 1
             if progress:
@@ -215,6 +218,7 @@ def _run_serial(pieces, sink, chunk, buffers, lanes, stats, progress, jitter) ->
             stats.spans.append((lane, stats.chunks, start - lanes.t0, end - lanes.t0))
             if progress:
                 progress.advance(lane, n)
+        stats.chunk_frames.append(n)
         stats.frames += n
         stats.chunks += 1
 

@@ -134,6 +134,12 @@ class Reporter:
             if out.get("replaced"):
                 self.progress.console.print(f"replaced the file that was at {out['output']}", highlight=False,
                                             markup=False)
+        if parts := summary.get("startup"):
+            extra = parts["first_call_extra_s"]
+            self.progress.console.print(
+                f"start-up: imports {parts['imports_s']:.2f} s, VAE load {parts['vae_load_s']:.2f} s, first-call extra"
+                f" {'–' if extra is None else f'{extra:.2f} s'}; {parts['total_s']:.2f} s since the command started",
+                highlight=False)
 
 
 class _LaneRows:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, startup
 from . import bands as banding
 from . import engine as engines
 from .decode import decode_stream
@@ -149,6 +149,7 @@ class Session:
     def vae(self, src: str, dtype: torch.dtype, device: torch.device) -> LoadedVae:
         key = (src, dtype, device)
         if key not in self._vaes:
+            startup.import_diffusers()  # (a start-up import, not the VAE's load: startup.py)
             t = time.perf_counter()
             self._vaes[key] = vae = load_vae(src, dtype=dtype, device=device)
             self.load_s += time.perf_counter() - t
@@ -445,4 +446,9 @@ def summarize(job: Job, plan: EncodePlan, stats: LaneStats, size: int) -> dict:
         "wall_s": round(stats.wall_s, 4), "busy_s": {k: round(v, 4) for k, v in stats.busy_s.items()},
         "encoder_drain_s": round(stats.drain_s, 4), "encoders": stats.encoders,
         "decode_utilization": round(stats.decode_utilization, 4), "replaced": stats.replaced, "vaepipe": __version__,
+        "first_call_extra_s": _rounded(startup.first_call_extra_s(stats.spans, stats.chunk_frames)),
     }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 4)

@@ -77,9 +77,9 @@ def band_table(vae: LoadedVae, latents: torch.Tensor, counts: list[int], runs: i
         clip = band_clip(vae, tuple(z.shape), (h, w, 3), options, engine=True)
         add("engine", engine_lane(None), None)
         want = out.clone()
-        engine.ctx.tune = False  # whole frames with cuDNN's untimed choices, as the bands run: what differs
+        engine.ctx.tune_cudnn = False  # whole frames with cuDNN's untimed choices, as the bands run: what differs
         engine_lane(None)()
-        engine.ctx.tune = True
+        engine.ctx.tune_cudnn = True
         untuned = out.clone()
         rows[-1]["untuned_equal"] = _frames_against(untuned, want)["uint8_equal"]
         for count in counts:

@@ -110,6 +110,9 @@ class BenchOptions:
     """libx264 preset for sync and pipelined: the encoder's lookahead is what the pipelined wall waits for last."""
     decoders: bool = True
     """Also time the decode lane alone, decoder against decoder (bench/decoders.py)."""
+    one_shot: int | None = None
+    """Fresh-process runs of the whole `vaepipe decode` command per shape (bench/oneshot.py); None: 3 on GPUs,
+    none on the CPU."""
     fidelity: bool = False
     """In that table, PSNR and max abs difference against an fp32 decode with fp32 weights (loads the VAE twice)."""
 
@@ -127,6 +130,8 @@ class BenchOptions:
     def __post_init__(self) -> None:
         if not 1 <= self.runs <= 100:
             raise BadInput(f"runs must be in 1..100, got {self.runs}")
+        if self.one_shot is not None and not 0 <= self.one_shot <= 20:
+            raise BadInput(f"one_shot must be in 0..20, got {self.one_shot}")
         unknown = [m for m in self.modes if m not in MODES]
         if unknown or not self.modes or len(set(self.modes)) != len(self.modes):
             raise BadInput(f"modes must be distinct names among {', '.join(MODES)}, got {','.join(self.modes)!r}")
@@ -178,6 +183,8 @@ class BenchOptions:
         parts.append(f"--content {'both' if len(self.content) == 2 else self.content[0]}")
         if self.encoders != ("auto",):
             parts.append(f"--encoders {','.join(map(str, self.encoders))}")
+        if self.one_shot is not None:
+            parts.append(f"--one-shot {self.one_shot}")
         parts += [flag for flag, on in (("--trace", self.trace), ("--plot", self.plot),
                                         ("--no-profile", not self.profile), ("--no-decoders", not self.decoders),
                                         ("--fidelity", self.fidelity)) if on]

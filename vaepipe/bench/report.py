@@ -199,6 +199,7 @@ def markdown(report: dict) -> str:
              " extra run per mode under the torch profiler; peak VRAM = torch.cuda.max_memory_allocated",
              "- wall ÷ decode: wall time over the decode lane's busy time (naive: over its vae.decode)",
              "", "```", report["command"], "```", ""]
+    lines += _one_shot_markdown(report.get("one_shot") or [])
     for r in report["results"]:
         lines += [f"## {r['shape']}, {r['content']} content, --encoders {r['encoders']} ({r['frames']} frames from"
                   f" latents {r['latents']})", "",
@@ -273,6 +274,22 @@ def _fmt(x: float | None, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _one_shot_markdown(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["## One-shot: the whole `vaepipe decode` command from a fresh process", "",
+             "Wall from the parent's side, median [min–max] of the runs; the parts are the runs' own --json"
+             " \"startup\" (medians): imports from the process's start, VAE load, the first calls' extra decode time.",
+             "", "| shape | runs | wall s | imports s | VAE load s | first-call extra s | command |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        w, p = r["wall_s"], r["startup"]
+        lines.append(f"| {r['shape']} | {r['runs']} | {w['median']:.3f} [{w['min']:.3f}–{w['max']:.3f}]"
+                     f" | {_fmt(p['imports_s'], '.3f')} | {_fmt(p['vae_load_s'], '.3f')}"
+                     f" | {_fmt(p['first_call_extra_s'], '.3f')} | `{r['command']}` |")
+    return [*lines, ""]
+
+
 def print_table(report: dict, reporter: Reporter) -> None:
     """The results on the reporter's console: one Rich table per shape, narrow enough for 80 columns."""
     from rich import box
@@ -298,6 +315,11 @@ def print_table(report: dict, reporter: Reporter) -> None:
                   if t["met"] is False]
         if missed:
             reporter.log(f"{r['shape']} {r['content']} pipelined misses: {'; '.join(missed)}")
+    for r in report.get("one_shot") or []:
+        w, p = r["wall_s"], r["startup"]
+        reporter.log(f"{r['shape']} one-shot (the whole command, fresh process): {w['median']:.2f} s median of"
+                     f" {r['runs']}; imports {_fmt(p['imports_s'], '.2f')} s, VAE load {_fmt(p['vae_load_s'], '.2f')}"
+                     f" s, first-call extra {_fmt(p['first_call_extra_s'], '.2f')} s")
     for shape, t in report.get("decoders", {}).items():
         table = Table(title=f"{shape} decode lane alone, {dtype}", title_justify="left", box=box.SIMPLE_HEAD,
                       pad_edge=False, collapse_padding=True)

@@ -20,6 +20,7 @@ from .content import SOURCE, natural_frames
 from .decoders import decoder_table
 from .measure import time_cases
 from .modes import NAIVE_ENCODER, NAIVE_STAGES, prepare_case
+from .oneshot import time_one_shot
 from .options import BenchOptions, Shape
 from .plot import chrome_trace, plot_timeline
 from .report import case_result, encoder_comparisons, environment, markdown, memory_check
@@ -92,6 +93,7 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
                 plot_timeline({m: case.samples[m][-1] for m in options.modes}, path, title=f"{case.label},"
                               f" {dtype_name}, {report['environment']['device']}")
                 result["timeline"] = path.name
+    report["one_shot"] = _one_shot(options, latents, dtype_name, device, out, reporter)
     report["memory"] = memory_check(report["results"])
     report["encoders"] = encoder_comparisons(report["results"])
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -99,3 +101,18 @@ def run_bench(options: BenchOptions, reporter: Reporter) -> dict:
     return report
 
 
+def _one_shot(options: BenchOptions, latents: dict, dtype: str, device: torch.device, out: Path,
+              reporter: Reporter) -> list[dict]:
+    """The one-shot rows: each shape's latents in a file, decoded by `vaepipe decode` in fresh processes."""
+    runs = options.one_shot if options.one_shot is not None else 3 if device.type == "cuda" else 0
+    rows = []
+    for text in options.shapes if runs else ():
+        folder = out / "one-shot"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"latents-{text}.pt"
+        torch.save(latents[text], path)
+        args = [str(path), str(folder / f"{text}.mp4"), "--vae", options.vae, "--dtype", dtype, "--device",
+                str(device), "--codec", options.codec, "--crf", str(options.crf), "--preset", options.preset]
+        reporter.log(f"{text}: one-shot, {runs} fresh `vaepipe decode` processes")
+        rows.append({"shape": text, **time_one_shot(args, runs)})
+    return rows

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import bands
-from . import kernels
+from . import kernels, tuning
 from .decoder import Context, Decoder, Op
 from .kernels import Pending
 
@@ -134,6 +134,7 @@ class Engine:
 
         _, _, frames, h, w = z.shape
         k = self.chunk_for(h, w)
+        self.ctx.tune_cudnn = tuning.cudnn_tuning(self, h, w, k)  # (this machine's record: tuning.py)
         if not self.diffusers_stream:
             x = self.vae.post_quant_conv(z)  # diffusers' own call, on the whole latent as in `_decode`
             sizes = schedule(frames, k)
@@ -166,12 +167,12 @@ class Engine:
         x = self.vae.post_quant_conv(z)
         self.decoder.setup(h, w, plan.chunk, tail=False)
         scale = self.vae.config.get("scale_factor_spatial") or 8
-        self.ctx.tune = False
+        tune, self.ctx.tune_cudnn = self.ctx.tune_cudnn, False
         try:
             yield from bands.stream(_Tail(self), x, plan, width=w * scale,
                                     temporal=self.vae.config.get("scale_factor_temporal") or 4)
         finally:
-            self.ctx.tune = True
+            self.ctx.tune_cudnn = tune
 
     def _timed(self, call):
         """(seconds, result) of call(), the GPU's work included."""

@@ -58,15 +58,10 @@ class Context:
         self.sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         self.checking = False
         """While True every op runs both ways, compares, and goes on with diffusers' bits."""
-        self.tune = True
-        """Let cuDNN time its algorithms for the steady calls' shapes. Off in bands: every band's slab is a shape of
-        its own, and timing each cost seconds and a workspace above the bands' peak on an H100."""
-        self.diffusers_prints: dict[tuple[nn.Module, int], torch.Tensor] | None = None
-        """While set (the exact policy's first pieces of a clip): the fingerprint of each conv module's output in
-        diffusers' decode of latent frame i, by (module, i); each conv shape not yet checked keeps the first of its
-        ways that gives those prints."""
-        self.latent_start = 0
-        """The first latent frame of the decoder's call that is running."""
+        self.tune_cudnn = True
+        """Whether the steady calls' convs let cuDNN tune (tuning.py: per machine and frame size). Off in bands:
+        every band's slab is a shape of its own, and timing each cost seconds and a workspace above the bands' peak
+        on an H100."""
         self.printed: list[tuple[Conv, tuple]] = []
         """The conv ways that the prints sent to diffusers' call, as (conv, key): where the clip differs, an op before
         them may be the cause, and the op-by-op pass checks them again."""
@@ -257,7 +252,7 @@ class Conv(Op):
         if way is None and (self.ctx.checking or self.ctx.diffusers_prints is not None and frames > per_call):
             return self._check(key, frames, per_call, fast, reference)
         if way is None:  # both policies' first choice (the exact one's self-check confirms it on the real shapes)
-            way = Way(tuned=frames == self.max_frames and self.ctx.tune, per_call=False)
+            way = Way(tuned=frames == self.max_frames and self.ctx.tune_cudnn, per_call=False)
         return reference() if way.diffusers else fast(way)
 
     def _check(self, key: tuple, frames: int, per_call: int, fast: Callable[[Way], Pending],
@@ -282,7 +277,7 @@ class Conv(Op):
                 def gives_it(got: Pending) -> bool:
                     return None not in prints and torch.equal(
                         kernels.fingerprints(kernels.materialize_reference(got), per_call), torch.stack(prints))
-        ways = [Way(tuned=frames == self.max_frames and ctx.tune, per_call=False)]
+        ways = [Way(tuned=frames == self.max_frames and ctx.tune_cudnn, per_call=False)]
         if frames > per_call:
             ways.append(Way(tuned=False, per_call=True))
         for way in ways:
