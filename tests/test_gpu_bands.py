@@ -3,6 +3,7 @@ memory it is given banding itself."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -22,9 +23,12 @@ def _decode(tmp_path, name: str, *args: str) -> dict:
 
 
 def _close(a, b) -> None:
-    """Within one uint8 level, at least 99.9 % of values equal (bf16 rounds at the slab edges in other orders)."""
+    """Within bf16's own noise of whole frames, and no seam: on an H100 the slabs' convs round otherwise than the
+    whole frame's (48-77 % of uint8 values equal, up to 5 levels, the same PSNR against an fp32 decode:
+    docs/benchmarks.md), where a halo one row short or a band written at the wrong rows gives tens of levels."""
     diff = abs(a.astype(int) - b.astype(int))
-    assert diff.max() <= 1 and (diff == 0).mean() >= 0.999, (diff.max(), (diff == 0).mean())
+    psnr = 10 * np.log10(255**2 / max(float((diff.astype(float) ** 2).mean()), 1e-12))
+    assert diff.max() <= 8 and psnr >= 45, (diff.max(), psnr)
 
 
 @pytest.mark.parametrize("preset, shape, bands", [("random:wan2.1", (1, 16, 3, 60, 104), 4),
