@@ -62,6 +62,12 @@ class Context:
         """Whether the steady calls' convs let cuDNN tune (tuning.py: per machine and frame size). Off in bands:
         every band's slab is a shape of its own, and timing each cost seconds and a workspace above the bands' peak
         on an H100."""
+        self.diffusers_prints: dict[tuple[nn.Module, int], torch.Tensor] | None = None
+        """While set (the exact policy's first pieces of a clip): the fingerprint of each conv module's output in
+        diffusers' decode of latent frame i, by (module, i); each conv shape not yet checked keeps the first of its
+        ways that gives those prints."""
+        self.latent_start = 0
+        """The first latent frame of the decoder's call that is running."""
         self.printed: list[tuple[Conv, tuple]] = []
         """The conv ways that the prints sent to diffusers' call, as (conv, key): where the clip differs, an op before
         them may be the cause, and the op-by-op pass checks them again."""
