@@ -220,7 +220,7 @@ def test_frames_that_do_not_fit_are_banded_by_themselves(tmp_path, monkeypatch):
     write_latents(tmp_path / "l.pt", (1, 16, 3, 7, 10), seed=2)
     assert run_cli("decode", str(tmp_path / "l.pt"), str(tmp_path / "whole.mkv"), "--vae", "random:wan2.1-tiny",
                    "--codec", "ffv1").exit_code == 0
-    monkeypatch.setattr(runner, "device_available", lambda device: 6 << 20)  # 6 MiB "free": 8 MiB whole
+    monkeypatch.setattr(runner, "device_available", lambda device: 15 << 19)  # 7.5 MiB "free": 6 MiB planned
     result = run_cli("decode", str(tmp_path / "l.pt"), str(tmp_path / "o.mkv"), "--vae", "random:wan2.1-tiny",
                      "--codec", "ffv1", "--json")
     assert result.exit_code == 0, result.output
@@ -234,3 +234,13 @@ def test_every_family_says_whether_it_bands():
     assert BANDING, "no family decodes in bands"
     for family in FAMILIES:
         assert family.cannot_band == "" or len(family.cannot_band) > 20, family.name
+
+
+def test_bench_bands_tables_bands_beside_whole_frames_and_enable_tiling(tmp_path):
+    result = run_cli("bench", "--bands", "1,2", "--vae", "random:wan2.1-tiny", "--shape", "48x80x9", "--runs", "1",
+                     "--device", "cpu", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    rows = {r["decoder"]: r for r in json.loads((tmp_path / "bands.json").read_text())[0]["rows"]}
+    assert {"engine", "engine 2 device", "engine 2 host", "diffusers 2", "enable_tiling"} <= rows.keys()
+    assert rows["engine 2 device"]["uint8_equal"] == 1.0 and rows["diffusers 2"]["uint8_equal"] == 1.0
+    assert "| enable_tiling |" in (tmp_path / "bands.md").read_text()

@@ -373,6 +373,10 @@ def info(json_out: Json = False) -> None:
         raise fail(e) from None
     facts["encoders"] = {name: dict(zip(("works", "detail"), probe_encoder(spec.encoder), strict=True))
                          | {"encoder": spec.encoder} for name, spec in CODECS.items()}
+    from .families import FAMILIES
+
+    # Which VAEs decode in bands (--bands, --max-vram): the others decode whole frames, and say why.
+    facts["bands"] = {family.label: family.cannot_band or "yes" for family in FAMILIES}
     if json_out:
         typer.echo(json.dumps(facts, indent=2))
         return
@@ -385,6 +389,8 @@ def info(json_out: Json = False) -> None:
     for name, e in facts["encoders"].items():
         state = "works" if e["works"] else f"fails ({e['detail']})"
         typer.echo(f"{name:>10}: {e['encoder']}: {state}")
+    for label, state in facts["bands"].items():
+        typer.echo(f"{'bands':>10}: {label}: {state if state == 'yes' else 'no, ' + state}")
 
 
 @app.command(cls=Command)
@@ -424,6 +430,9 @@ def bench(
                                                              "an fp32 decode with fp32 weights.")] = False,
     encoders: Annotated[str, typer.Option(help="Comma-separated --encoders values to compare, such as 1,auto; "
                                                "each its own table.")] = "auto",
+    bands: Annotated[str | None, typer.Option(help="Comma-separated band counts, such as 1,2,4,8: instead of the "
+                                                   "other tables, the decode lane in bands against whole frames and "
+                                                   "diffusers' enable_tiling: time, peak, frames (Wan).")] = None,
     json_out: Json = False,
     one_shot: Annotated[int | None, typer.Option(help="Fresh-process runs of the whole `vaepipe decode` command "
                                                       "per shape, start-up included (default: 3 on GPUs, none "
@@ -442,6 +451,17 @@ def bench(
         vae, shapes, runs, note = bench_defaults(device, vae, shape, runs)
         if note:
             reporter.log(note)
+        if bands:
+            from .bench.bands import run_band_bench
+            from .runner import DecodeOptions
+
+            counts = [int(c) for c in bands.split(",") if c.strip().isdigit()]
+            tables = run_band_bench(vae, list(shapes), counts, runs, DecodeOptions(dtype=dtype, device=device), out,
+                                    reporter, truth=fidelity)
+            reporter.log(f"wrote {out / 'bands.json'} and {out / 'bands.md'}")
+            if json_out:
+                typer.echo(json.dumps(tables, indent=2))
+            return
         options = BenchOptions(vae=vae, shapes=shapes, dtype=dtype, device=device, runs=runs,
                                modes=tuple(m.strip() for m in modes.split(",") if m.strip()) if modes is not None
                                else default_modes(device), chunk=chunk,

@@ -15,16 +15,19 @@ difference in levels and the PSNR of the float video (diffusers' rows).
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from .. import bands as banding
 from ..decode import to_uint8_frames
 from ..engine import Engine
+from ..errors import BadInput
 from ..families import DecodeSettings
 from ..progress import Reporter
 from ..runner import DecodeOptions, band_clip
@@ -195,3 +198,26 @@ def markdown(rows: list[dict]) -> str:
                      f"{r.get('untuned_equal', '')} | "
                      f"{r.get('psnr_db', '')} | {r.get('psnr_fp32_db', '')} |")
     return "\n".join(lines)
+
+
+def run_band_bench(vae_src: str, shapes: list[str], counts: list[int], runs: int, options: DecodeOptions,
+                   out: Path, reporter: Reporter, *, truth: bool = False) -> list[dict]:
+    """`vaepipe bench --bands`: a band table per shape, written to OUT/bands.json and OUT/bands.md."""
+    from ..families import synthetic_latents
+    from ..vae import load_vae
+
+    device = options.torch_device()
+    vae = load_vae(vae_src, dtype=options.torch_dtype(device), device=device)
+    if vae.family.cannot_band:
+        raise BadInput(f"{type(vae.model).__name__} cannot decode in bands ({vae.family.cannot_band})")
+    out.mkdir(parents=True, exist_ok=True)
+    tables, text = [], []
+    for shape in shapes:
+        rows = band_table(vae, synthetic_latents(vae.model, shape, seed=0), counts, runs, reporter,
+                          truth=vae_src if truth else None)
+        tables.append({"vae": vae_src, "shape": shape, "device": torch.cuda.get_device_name(device)
+                       if device.type == "cuda" else "cpu", "rows": rows})
+        text.append(f"### {vae_src} {shape} ({tables[-1]['device']})\n\n{markdown(rows)}\n")
+    (out / "bands.json").write_text(json.dumps(tables, indent=2) + "\n")
+    (out / "bands.md").write_text("\n".join(text))
+    return tables
