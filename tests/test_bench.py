@@ -33,7 +33,7 @@ def bench(tmp_path_factory):
     report = json.loads((out / "bench.json").read_text())
     assert json.loads(result.stdout) == report  # --json: bench.json's report on stdout, tables on stderr
     assert set(report) == {"vaepipe", "date", "command", "environment", "settings", "load_s", "results", "decoders",
-                           "memory", "encoders"}
+                           "memory", "encoders", "one_shot"}
     return out, report, result.stderr
 
 
