@@ -75,7 +75,8 @@ class Exporter:
 
     Give the VAE (`vae=pipe.vae`) or the pipeline (`pipe=pipe`). It decodes on the VAE's device, in its dtype, as
     the command line does: on a GPU with vaepipe's engine (kept from clip to clip, with what it tuned), fast by
-    default, `exact=True` for the bits of the pipeline's own `vae.decode`; on the CPU with diffusers' decoder. As a
+    default, `exact=True` for the bits of the pipeline's own `vae.decode`; on the CPU with diffusers' decoder.
+    `max_vram="6GiB"` (or `bands=N`) decodes frames too large for the GPU in horizontal bands (Wan). As a
     context manager, leaving the block waits for every file; without one, call `wait()` (or each
     `Pending.result()`) before relying on the files. Use one Exporter from one thread.
     """
