@@ -244,3 +244,15 @@ def test_bench_bands_tables_bands_beside_whole_frames_and_enable_tiling(tmp_path
     assert {"engine", "engine 2 device", "engine 2 host", "diffusers 2", "enable_tiling"} <= rows.keys()
     assert rows["engine 2 device"]["uint8_equal"] == 1.0 and rows["diffusers 2"]["uint8_equal"] == 1.0
     assert "| enable_tiling |" in (tmp_path / "bands.md").read_text()
+
+
+def test_api_exporter_decodes_in_bands_with_the_frames_of_whole_frames(tmp_path):
+    import vaepipe
+
+    vae = tiny_vae()
+    z = torch.randn(1, 16, 2, 5, 6, generator=torch.Generator().manual_seed(8))
+    with vaepipe.Exporter(vae=vae, bands=3) as banded, vaepipe.Exporter(vae=vae) as whole:
+        got = banded.export(z, tmp_path / "banded.mkv", codec="ffv1")["outputs"][0]
+        whole.export(z, tmp_path / "whole.mkv", codec="ffv1")
+    assert got["bands"] == 3
+    assert (read_video(tmp_path / "banded.mkv") == read_video(tmp_path / "whole.mkv")).all()
