@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from vaepipe import families
@@ -45,6 +46,18 @@ def test_make_latents_and_info_import_no_diffusers(tmp_path):
     assert "diffusers" not in modules_after(cli("make-latents", str(tmp_path / "l.pt"), "--size", "16x16x5"))
     assert (tmp_path / "l.pt").is_file()
     assert "diffusers" not in modules_after(cli("info", "--json"))
+
+
+def test_the_light_wan_geometry_is_the_built_models():
+    from vaepipe.names import WAN_GEOMETRY
+
+    for name, (z, scale, temporal) in WAN_GEOMETRY.items():
+        family, config = families.PRESETS[name]
+        with torch.device("meta"):
+            model = family.build(config)
+        assert (family.z_dim(model), family.spatial_factor(model), family.temporal_factor(model)) == (z, scale,
+                                                                                                     temporal)
+        assert family.num_frames(model, 3) == 1 + 2 * temporal
 
 
 def test_the_light_preset_table_names_every_family():

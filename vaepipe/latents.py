@@ -386,11 +386,21 @@ def synthetic_shape(size: str, *, channels: int | None = None, vae: str | None =
     `synthetic_preset` picks (its channels, spatial and temporal compression), checked to fit in memory before
     anything is allocated."""
     from . import families
+    from .names import WAN_GEOMETRY
 
-    family, config = families.PRESETS[synthetic_preset(channels=channels, vae=vae)]
-    with torch.device("meta"):
-        model = family.build(config)
-    shape = (batch, *families.synthetic_shape(model, size)[1:])
+    preset = synthetic_preset(channels=channels, vae=vae)
+    if preset in WAN_GEOMETRY:  # (no diffusers to import: seconds)
+        z, scale, temporal = WAN_GEOMETRY[preset]
+        height, width, frames = parse_size(size)
+        if height % scale or width % scale or (frames - 1) % temporal:
+            raise BadInput(f"size {size} does not fit the VAE (Wan 2.1 / 2.2): height and width must be multiples of"
+                           f" {scale}, frames a count it decodes to (5, 9, 17, 33…)")
+        shape = (batch, z, (frames - 1) // temporal + 1, height // scale, width // scale)
+    else:
+        family, config = families.PRESETS[preset]
+        with torch.device("meta"):
+            model = family.build(config)
+        shape = (batch, *families.synthetic_shape(model, size)[1:])
     check_declared(f"size {size}", shape, torch.float32, fix="use a smaller size")
     return shape
 
