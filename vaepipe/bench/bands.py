@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from ..families import DecodeSettings
 from ..progress import Reporter
 from ..runner import DecodeOptions, band_clip
 from ..vae import LoadedVae
+from .measure import seconds
 
 HOST_WINDOW = 4
 """Latent frames per window of the host-caches rows."""
@@ -161,11 +161,7 @@ def _psnr(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def _time(call: Callable[[], object], runs: int, device: torch.device) -> dict:
     def once() -> float:
-        _sync(device)
-        t = time.perf_counter()
-        call()
-        _sync(device)
-        return time.perf_counter() - t
+        return seconds(call, device)
 
     def peak() -> float | None:
         return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
@@ -181,10 +177,6 @@ def _time(call: Callable[[], object], runs: int, device: torch.device) -> dict:
     return {"first_call_s": round(first, 4), "median_s": round(statistics.median(times), 4),
             "peak_gib": peak(), "first_peak_gib": first_peak}
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def markdown(rows: list[dict]) -> str:

@@ -20,7 +20,6 @@ import contextlib
 import importlib.util
 import math
 import statistics
-import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -30,6 +29,7 @@ from ..decode import decode_stream, to_uint8_frames
 from ..families import DecodeSettings
 from ..progress import Reporter
 from ..vae import LoadedVae, load_vae
+from .measure import seconds
 
 DECODERS = ("diffusers", "stream", "engine", "engine-exact", "fastvae", "fastvae-tuned")
 
@@ -144,11 +144,7 @@ def _cudnn_benchmark() -> Iterator[None]:
 
 def _time(call: Callable, runs: int, device: torch.device) -> dict:
     def once() -> float:
-        _sync(device)
-        t = time.perf_counter()
-        call()
-        _sync(device)
-        return time.perf_counter() - t
+        return seconds(call, device)
 
     first = once()
     times = [once() for _ in range(runs)]
@@ -161,11 +157,6 @@ def _time(call: Callable, runs: int, device: torch.device) -> dict:
         peak = round((torch.cuda.max_memory_allocated(device) - base) / 2**30, 3)
     return {"first_call_s": round(first, 4), "median_s": round(statistics.median(times), 4),
             "min_s": round(min(times), 4), "max_s": round(max(times), 4), "peak_gib": peak}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _truth(src: str, latents: torch.Tensor, vae: LoadedVae) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,15 @@ class Case:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def seconds(call: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of call(), the device's work included."""
+    synchronize(device)
+    t = time.perf_counter()
+    call()
+    synchronize(device)
+    return time.perf_counter() - t
 
 
 def measure(job: Callable[[], Sample], device: torch.device) -> Sample:
