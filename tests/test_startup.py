@@ -175,6 +175,24 @@ def test_a_folder_loads_the_weights_diffusers_from_pretrained_loads(tmp_path, dt
     assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
 
 
+def test_a_folder_loads_straight_to_the_device_without_diffusers_loader(tmp_path, monkeypatch):
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from vaepipe.vae import load_vae
+
+    saved = load_vae("random:wan2.1-tiny", dtype=torch.float32, device=torch.device("cpu")).model
+    saved.save_pretrained(tmp_path)
+
+    def no(*args, **kwargs):
+        raise AssertionError("diffusers' from_pretrained ran: the weights went through it")
+
+    monkeypatch.setattr(AutoencoderKLWan, "from_pretrained", no)
+    got = load_vae(str(tmp_path), dtype=torch.bfloat16, device=torch.device("cpu")).model
+    assert all(torch.equal(got.state_dict()[k], v.to(torch.bfloat16)) for k, v in saved.state_dict().items())
+    assert not any(p.is_meta for p in got.parameters())
+
+
 # -- bench's one-shot row -------------------------------------------------------------------------------------------
 def test_bench_times_the_whole_command_from_fresh_processes(tmp_path):
     out = tmp_path / "bench"

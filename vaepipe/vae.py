@@ -90,12 +90,12 @@ def _load(src: str, dtype: torch.dtype, device: torch.device) -> LoadedVae:
         return _ready(model, f"{src} (random weights, not a trained model)", dtype, device)
     path = Path(src).expanduser()
     if path.is_dir():
-        return _ready(_from_folder(path, dtype), str(path), dtype, device)
+        return _ready(_from_folder(path, dtype, device), str(path), dtype, device)
     if path.exists():
         regular_file(path, "--vae", "pass a checkpoint file (.safetensors, .pth, .pt, .ckpt) or a diffusers folder")
         return _ready(_from_single_file(path, dtype), str(path), dtype, device)
     if src.count("/") == 1 and not src.startswith((".", "/", "~")):
-        return _ready(_from_folder(_cached_repo(src), dtype), f"{src} (local Hub cache)", dtype, device)
+        return _ready(_from_folder(_cached_repo(src), dtype, device), f"{src} (local Hub cache)", dtype, device)
     raise BadInput(f"--vae {src!r} is neither a folder, a checkpoint file, a Hub repo id (org/name) nor a preset"
                    f" ({', '.join(PRESETS)})")
 
@@ -128,7 +128,7 @@ def _stand_in(repo_id: str) -> str:
     return "random:wan2.1-tiny"
 
 
-def _from_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+def _from_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     import diffusers
 
     for candidate in (folder, folder / "vae"):
@@ -154,6 +154,10 @@ def _from_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
             if cls is None or not class_name.startswith("Autoencoder"):
                 continue  # a pipeline's model_index.json sits beside other configs; look in vae/
             check_config_types(cls, settings, config)
+            model = _straight_to_device(cls, candidate, settings, dtype, device)
+            if model is not None:
+                check_weights(model, str(candidate))  # (the keys and shapes are the model's: its values)
+                return model
             try:
                 model, info = cls.from_pretrained(candidate, torch_dtype=dtype, local_files_only=True,
                                                   output_loading_info=True, ignore_mismatched_sizes=True)
@@ -165,6 +169,32 @@ def _from_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
             return model
     raise BadInput(f"{folder} holds no diffusers VAE: expected config.json of an Autoencoder* class there or in"
                    " vae/; pass the VAE folder or the pipeline folder")
+
+
+def _straight_to_device(cls: type, folder: Path, settings: dict, dtype: torch.dtype,
+                        device: torch.device) -> torch.nn.Module | None:
+    """The model with its weights read once, straight onto `device` in `dtype`, its modules built on the meta device
+    (nothing initialised, nothing copied from the host after); None where diffusers' own loader must run: sharded or
+    .bin weights, keys or shapes other than the model's, buffers, modules kept in fp32."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = list(folder.glob("*.safetensors"))
+    if len(files) != 1 or getattr(cls, "_keep_in_fp32_modules", None):
+        return None
+    with torch.device("meta"):
+        model = cls.from_config(settings)
+    if next(model.buffers(), None) is not None:
+        return None
+    try:
+        state = load_file(files[0], device=str(device))
+    except (OSError, SafetensorError):
+        return None  # diffusers' loader says what is wrong with the file
+    want = model.state_dict()
+    if state.keys() != want.keys() or any(state[k].shape != want[k].shape for k in want):
+        return None
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, assign=True)
+    return model
 
 
 def check_config_types(cls: type, settings: dict, config: Path) -> None:
