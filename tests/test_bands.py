@@ -114,6 +114,7 @@ def _clip(vae, z, chunks=(1,)):
                       itemsize=4, fixed=0, frame_bytes=1, chunks=chunks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset, height, counts", [
     ("random:wan2.1-tiny", 3, (2, 3, 24)),  # 24: bands of one row
     ("random:wan2.1-tiny", 5, (2, 3, 13)),  # 13: bands of 3 rows, edges off the latent grid
@@ -132,6 +133,7 @@ def test_banded_diffusers_decoder_gives_the_whole_decodes_frames(preset, height,
             assert torch.equal(frames, want_frames), count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["random:wan2.1-tiny", "random:wan2.2-tiny"])
 def test_banded_engine_gives_the_unbanded_engines_frames(preset):
     vae = tiny_vae(preset)
@@ -146,6 +148,7 @@ def test_banded_engine_gives_the_unbanded_engines_frames(preset):
             assert (video - want).abs().max() <= 1e-5, count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("caches, window", [("device", 1), ("host", 2)])
 def test_windows_keep_every_bands_caches_between_them(caches, window):
     vae = tiny_vae()
@@ -214,6 +217,7 @@ def test_a_family_that_cannot_band_says_why(tmp_path):
     assert result.exit_code == 2 and "cannot decode in bands" in result.output and "GroupNorm" in result.output
 
 
+@pytest.mark.slow
 def test_frames_that_do_not_fit_are_banded_by_themselves(tmp_path, monkeypatch):
     from vaepipe import runner
 
