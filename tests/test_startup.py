@@ -34,8 +34,12 @@ def cli(*args: str) -> str:
 
 
 @pytest.mark.parametrize("code", ["import vaepipe.cli", cli("--help"), cli("decode", "--help"),
-                                  cli("decode", "--crf", "x", "a.pt", "b.mp4"), cli("decode"), cli("bench", "--nope")],
-                         ids=["import", "help", "decode-help", "bad-value", "missing-argument", "unknown-option"])
+                                  cli("decode", "--crf", "x", "a.pt", "b.mp4"), cli("decode"), cli("bench", "--nope"),
+                                  cli("decode", "a.pt", "b.mp4", "--dtype", "fp64"),
+                                  cli("decode", "a.pt", "b.mp4", "--max-vram", "six"),
+                                  cli("decode", "a.pt", "b.mp4", "--vae", "random:nope")],
+                         ids=["import", "help", "decode-help", "bad-value", "missing-argument", "unknown-option",
+                              "bad-dtype", "bad-max-vram", "unknown-preset"])
 def test_help_and_argument_errors_import_neither_torch_nor_diffusers(code):
     loaded = modules_after(code)
     assert "typer" in loaded  # (the check sees what was imported)
@@ -61,8 +65,11 @@ def test_the_light_wan_geometry_is_the_built_models():
 
 
 def test_the_light_preset_table_names_every_family():
+    from vaepipe.options import PRESET_NAMES
+
     stems = [name.removeprefix("random:") for name in families.PRESETS if not name.endswith("-tiny")]
     assert list(PRESET_STEMS) == stems
+    assert PRESET_NAMES == set(families.PRESETS)  # what DecodeOptions takes without importing torch
 
 
 def help_text(*args: str) -> str:

@@ -152,14 +152,11 @@ def decode(
     """Decode one latents file into a video through the three-lane pipeline."""
     reporter = None
     try:
-        startup.loading(quiet)
         from .encode import EncodeOptions
         from .mux import parse_metadata
-        from .progress import Reporter
-        from .runner import DecodeOptions, Session
+        from .options import DecodeOptions
 
-        imported = startup.process_s()
-        reporter = Reporter(quiet=quiet, as_json=json_out)
+        # The options first: a bad one is an answer at once, not after the imports (options.py imports no torch).
         options = DecodeOptions(vae=vae, dtype=dtype, device=device, chunk=chunk, buffers=buffers, sync=sync,
                                 denormalize=denormalize, exact=exact, engine=engine, fast=fast,
                                 decode_timestep=decode_timestep, decode_noise_scale=decode_noise_scale,
@@ -167,6 +164,12 @@ def decode(
         encode = EncodeOptions(codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, fps=fps, pad=pad,
                                encoders=encoders, audio=audio, cut_audio=cut_audio,
                                metadata=parse_metadata(metadata) if metadata else None, no_metadata=no_metadata)
+        startup.loading(quiet)
+        from .progress import Reporter
+        from .runner import Session
+
+        imported = startup.process_s()
+        reporter = Reporter(quiet=quiet, as_json=json_out)
         startup.init_device_early(options.torch_device())
         if vae and vae.startswith("random:"):  # a preset's checks read its class's signature
             startup.import_diffusers()
@@ -453,7 +456,7 @@ def bench(
             reporter.log(note)
         if bands:
             from .bench.bands import run_band_bench
-            from .runner import DecodeOptions
+            from .options import DecodeOptions
 
             counts = [int(c) for c in bands.split(",") if c.strip().isdigit()]
             tables = run_band_bench(vae, list(shapes), counts, runs, DecodeOptions(dtype=dtype, device=device), out,

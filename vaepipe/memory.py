@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import resource
 from pathlib import Path
 
@@ -27,22 +26,6 @@ def gib(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} EiB"
-
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 10**3, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
-          "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
-
-
-def parse_bytes(text: str | int, *, name: str = "--max-vram") -> int:
-    """A size for people into bytes: 6GiB, 6G (binary), 6GB (decimal), 512MiB, 6.5GiB, or plain bytes."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value, unit = float(text), ""
-    else:
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-        value, unit = (float(m.group(1)), m.group(2).lower()) if m else (0.0, "?")
-    if unit not in _UNITS or value <= 0:
-        raise BadInput(f"{name} must be a size such as 6GiB, 6G or 6000MB, got {text!r}")
-    return int(value * _UNITS[unit])
 
 
 def host_available() -> int:

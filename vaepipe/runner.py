@@ -25,104 +25,21 @@ from .encode import (
     with_mux,
 )
 from .errors import BadInput, VaepipeError
-from .families import PRESET_NAMES, DecodeSettings, default_repo, preset_channels
+from .families import DecodeSettings, default_repo, preset_channels
 from .latents import Latents, check_for_vae, read_latents
-from .memory import check_decode_fits, device_available, gib, parse_bytes
+from .memory import check_decode_fits, device_available, gib
 from .mux import probe_audio
+from .options import DecodeOptions, parse_bytes
 from .pipeline import Buffers, Jitter, LaneStats, Progress, run_lanes
 from .progress import Reporter
 from .segments import SegmentedEncoder, segment_lengths
-from .vae import DTYPES, PRESETS, LoadedVae, load_vae
+from .vae import PRESETS, LoadedVae, load_vae
 
 DEFAULT_FPS = 16.0
 AUTO_HEADROOM = 0.8
 """Share of the free device memory the bands' model may plan for where no --max-vram is given: on an H100 the model
 fell short of the measured peak by up to a quarter (Wan 2.2 at 704x1280 in 22 bands: 3.31 GiB modelled, 4.17 GiB
 measured), and an out-of-memory mid-decode costs the whole clip."""
-
-
-@dataclass(kw_only=True, slots=True)
-class DecodeOptions:
-    vae: str | None = None
-    """A preset (random:wan2.1, random:hunyuanvideo…), a diffusers folder, a cached Hub repo id or a checkpoint file;
-    None picks the diffusers VAE matching the latents' channels from the local Hub cache, where only one fits."""
-    dtype: str | None = None
-    """bf16, fp16 or fp32; None: bf16 on CUDA, fp32 on the CPU."""
-    device: str | None = None
-    """cuda, cuda:N or cpu; None: cuda when there is one."""
-    chunk: int | None = None
-    """Latent frames per decoder call after the first (the engine) or per pipeline step (diffusers' decoder, which
-    still decodes one at a time); None: the engine takes what fits in memory, diffusers' decoder 1."""
-    buffers: int = 2
-    """Slots per lane (VRAM and pinned host buffers)."""
-    sync: bool = False
-    """Decode, copy and encode one after another on one stream (the baseline)."""
-    denormalize: bool = True
-    """Undo the pipeline's latent normalisation before decoding."""
-    exact: bool = False
-    """Frames bit-identical to diffusers' `vae.decode`: on GPUs the engine's exact policy (self-checked against
-    diffusers' ops), on the CPU diffusers' own decoder."""
-    fast: bool = False
-    """Kept for old command lines: the engine's fast policy is what GPUs run by default now."""
-    engine: bool | None = None
-    """Decode with vaepipe's engine; None: on CUDA for Wan VAEs. False: diffusers' own decoder, streamed. True on
-    the CPU runs the engine's PyTorch reference ops (tests)."""
-    decode_timestep: float | None = None
-    """Timestep-conditioned decoders (LTX 0.9.1+): the pipeline's decode_timestep; None: the latents file's, else 0."""
-    decode_noise_scale: float | None = None
-    """Their decode_noise_scale; None: the latents file's, else the decode timestep (the pipelines' defaults)."""
-    bands: int | None = None
-    """Horizontal bands each frame decodes in (vaepipe/bands.py); None: one, or what --max-vram (else the free
-    memory) calls for."""
-    max_vram: str | int | None = None
-    """Device memory the decode may use at its peak (6GiB, 6000MB, bytes): the fewest bands that fit."""
-    band_caches: str | None = None
-    """Where the bands' causal caches wait between windows: device or host; None: where they fit."""
-
-    def __post_init__(self) -> None:
-        for name in ("chunk", "buffers"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-                raise BadInput(f"{name} must be an integer, got {value!r}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise BadInput(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.exact and self.fast:
-            raise BadInput("--exact and --fast contradict each other: --exact gives diffusers' bits, the default on"
-                           " GPUs is the fast engine; drop --fast")
-        if self.chunk is not None and not 1 <= self.chunk <= 64:
-            raise BadInput(f"chunk must be in 1..64, got {self.chunk}")
-        if not 2 <= self.buffers <= 8:
-            raise BadInput(f"buffers must be in 2..8, got {self.buffers}")
-        if self.vae and self.vae.startswith("random:") and self.vae not in PRESETS:
-            raise BadInput(f"unknown preset {self.vae!r}: use random:NAME or random:NAME-tiny, NAME one of"
-                           f" {PRESET_NAMES}")
-        if self.device is not None and not (self.device in ("cpu", "cuda") or self.device.startswith("cuda:")):
-            raise BadInput(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
-        if self.bands is not None and not 1 <= self.bands <= 4096:
-            raise BadInput(f"bands must be in 1..4096, got {self.bands}")
-        if self.band_caches not in (None, "device", "host"):
-            raise BadInput(f"band_caches must be device or host, got {self.band_caches!r}")
-        if self.max_vram is not None:
-            parse_bytes(self.max_vram)
-        for name in ("decode_timestep", "decode_noise_scale"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:  # also NaN
-                raise BadInput(f"{name} must be in 0..1, got {value}")
-
-    def torch_device(self) -> torch.device:
-        spec = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if spec.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise BadInput(f"device {spec} asked for, but PyTorch sees no CUDA GPU here: use --device cpu")
-            device = torch.device(spec)
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            if index >= torch.cuda.device_count():
-                raise BadInput(f"device {spec} asked for, but there are {torch.cuda.device_count()} GPUs")
-            return torch.device("cuda", index)
-        return torch.device("cpu")
-
-    def torch_dtype(self, device: torch.device) -> torch.dtype:
-        return DTYPES[self.dtype or ("bf16" if device.type == "cuda" else "fp32")]
 
 
 def output_paths(output: str | Path, batch: int) -> list[Path]:
