@@ -37,9 +37,10 @@ def cli(*args: str) -> str:
                                   cli("decode", "--crf", "x", "a.pt", "b.mp4"), cli("decode"), cli("bench", "--nope"),
                                   cli("decode", "a.pt", "b.mp4", "--dtype", "fp64"),
                                   cli("decode", "a.pt", "b.mp4", "--max-vram", "six"),
-                                  cli("decode", "a.pt", "b.mp4", "--vae", "random:nope")],
+                                  cli("decode", "a.pt", "b.mp4", "--vae", "random:nope"),
+                                  cli("batch", "no-such-config.toml")],
                          ids=["import", "help", "decode-help", "bad-value", "missing-argument", "unknown-option",
-                              "bad-dtype", "bad-max-vram", "unknown-preset"])
+                              "bad-dtype", "bad-max-vram", "unknown-preset", "missing-config"])
 def test_help_and_argument_errors_import_neither_torch_nor_diffusers(code):
     loaded = modules_after(code)
     assert "typer" in loaded  # (the check sees what was imported)
@@ -69,7 +70,7 @@ def test_the_light_preset_table_names_every_family():
 
     stems = [name.removeprefix("random:") for name in families.PRESETS if not name.endswith("-tiny")]
     assert list(PRESET_STEMS) == stems
-    assert PRESET_NAMES == set(families.PRESETS)  # what DecodeOptions takes without importing torch
+    assert set(families.PRESETS) == PRESET_NAMES  # what DecodeOptions takes without importing torch
 
 
 def help_text(*args: str) -> str:

@@ -220,16 +220,17 @@ def batch(
     overrides = {k: v for k, v in given.items() if v is not None}
     reporter = None
     try:
-        startup.loading(quiet)
-        from . import batch as runs
         from .config import load_config
         from .mux import parse_metadata
+
+        if metadata:
+            overrides["metadata"] = parse_metadata(metadata)
+        cfg = load_config(config, overrides, allow_outside=allow_outside)  # (a bad config: an answer before imports)
+        startup.loading(quiet)
+        from . import batch as runs
         from .progress import Reporter
 
         reporter = Reporter(quiet=quiet, as_json=json_out)
-        if metadata:
-            overrides["metadata"] = parse_metadata(metadata)
-        cfg = load_config(config, overrides, allow_outside=allow_outside)
         options = runs.BatchOptions(shard=runs.parse_shard(shard) if shard else None, overwrite=overwrite,
                                     manifest=manifest)
         if gpus is not None:

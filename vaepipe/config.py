@@ -34,10 +34,9 @@ from typing import Any
 
 from .encode import EncodeOptions, check_crf, plan_encode
 from .errors import BadInput
-from .files import not_regular, regular_file
-from .latents import SUFFIXES
+from .files import SUFFIXES, not_regular, regular_file
 from .mux import check_given_tags
-from .runner import DecodeOptions
+from .options import DecodeOptions
 
 # Every option a config or the command line can set, with the TOML type it takes. A test pins that these are
 # exactly the fields of DecodeOptions and EncodeOptions, so a new option cannot be forgotten here.

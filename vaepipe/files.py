@@ -10,6 +10,9 @@ from pathlib import Path
 
 from .errors import BadInput
 
+SUFFIXES = (".pt", ".pth", ".safetensors", ".npy", ".latent")
+"""Latents files vaepipe reads (latents.py), by their extension."""
+
 
 def not_regular(path: Path) -> str | None:
     """Why `path` (followed through links) is not a regular file to read, such as "does not exist" or "is a FIFO

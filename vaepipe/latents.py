@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 
 from .errors import BadInput
-from .files import refused_pickle, regular_file
+from .files import SUFFIXES, refused_pickle, regular_file
 from .memory import gib, host_available
 
-SUFFIXES = (".pt", ".pth", ".safetensors", ".npy", ".latent")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
