@@ -237,6 +237,17 @@ def test_an_unknown_preset_is_a_config_error_not_a_failed_job(folder):
                      " kandinsky6-sr"]
 
 
+def test_a_symlink_out_of_the_configs_folder_is_outside_too(folder, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (folder / "link").symlink_to(elsewhere, target_is_directory=True)
+    path = config(folder, '[defaults]\nvae = "random:wan2.1-tiny"\ndevice = "cpu"\n'
+                          '[[jobs]]\nlatents = "lat/a.pt"\noutput = "link/a.mp4"\n')
+    result = CliRunner().invoke(app, ["batch", str(path)])
+    assert result.exit_code == 2
+    assert "jobs[0].output 'link/a.mp4' is outside the config's folder" in " ".join(result.output.split())
+    assert not list(elsewhere.iterdir())
+
+
 def test_outputs_stay_under_the_configs_folder_unless_allowed_outside(folder, tmp_path_factory):
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     path = config(folder, f'[defaults]\nvae = "random:wan2.1-tiny"\ndevice = "cpu"\n'

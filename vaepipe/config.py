@@ -240,7 +240,9 @@ class _Checker:
         """Whether a job's output may go where `value` says: under the config's folder, unless --allow-outside."""
         if self.allow_outside:
             return True
-        if Path(value).expanduser().is_absolute() or not self.resolve(value).is_relative_to(self.base):
+        # (resolved: a symlink inside the folder that points out of it is outside too)
+        if Path(value).expanduser().is_absolute() or not self.resolve(value).resolve().is_relative_to(
+                self.base.resolve()):
             self.problem(f"{label} {value!r} is outside the config's folder ({self.base}): a config writes under its"
                          " own folder unless you pass --allow-outside")
             return False
