@@ -16,8 +16,8 @@ buffer, and the window's frames go on to the lanes (copy, encode), which do not 
 whole clip a band's caches live only while it runs; with several, every band's caches are kept between windows, on
 the GPU or in pinned host memory.
 
-    plan = choose(shape, limit=6 << 30, ...)       # or Plan.of(shape, bands=4, ...)
-    for piece in stream(tail, x, plan):            # x: the head's input, [1, C, T, h, w]
+    chosen = choose(clip, limit=6 << 30)           # or plan(clip, bands=4)
+    for piece in stream(tail, x, chosen, width=W, temporal=4):   # x: the head's input, [1, C, T, h, w]
         piece.write_uint8(frames)
 """
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -177,11 +177,11 @@ class Clip:
     activation_maps: float = ACTIVATION_MAPS["engine"]
     chunks: Sequence[int] = (1,)
     """Latent frames per call the decoder can run, largest first."""
-    align: int = field(default=0)
 
-    def __post_init__(self) -> None:
-        if not self.align:
-            self.align = math.prod(self.shape.ups())
+    @property
+    def align(self) -> int:
+        """Output rows per latent row: where band edges fall, so that every stage cuts at the same place."""
+        return math.prod(self.shape.ups())
 
     @property
     def out_height(self) -> int:
@@ -223,8 +223,8 @@ class Clip:
 
 def plan(clip: Clip, *, bands: int, chunk: int | None = None, window: int | None = None,
          caches: str | None = None, why: str = "") -> Plan:
-    """The plan for a given band count: the largest chunk (of `clip.chunks`) unless given, one window for the clip
-    unless given, caches on the GPU unless given."""
+    """The plan for a given band count: the smallest chunk (of `clip.chunks`) unless given, one window for the clip
+    unless given, caches on the device unless given."""
     window = clip.latent_frames if window is None or bands == 1 else max(1, min(window, clip.latent_frames))
     caches = caches or "device"
     k = chunk or clip.chunks[-1]
@@ -233,17 +233,15 @@ def plan(clip: Clip, *, bands: int, chunk: int | None = None, window: int | None
                 patch=clip.shape.patch, why=why)
 
 
-def choose(clip: Clip, limit: int, *, caches: str | None = None, window: int | None = None, free: bool = False) -> Plan:
+def choose(clip: Clip, limit: int, *, caches: str | None = None, free: bool = False) -> Plan:
     """The fewest bands (then the most latent frames per call) whose modelled peak fits in `limit` bytes (--max-vram,
     or what is `free` on the device); raise BadInput naming the minimum where even the thinnest bands do not fit."""
     most = max(1, clip.out_height // clip.align)
     for bands in range(1, most + 1):
-        if window is None and bands > 1:
-            # One window for the clip, unless its frames take more than a quarter of the limit: then windows of
-            # what fits, every band's caches kept between them
-            fit = max(1, min(clip.latent_frames, (limit // 4 // clip.frame_bytes - 1) // clip.temporal + 1))
-        else:
-            fit = window or clip.latent_frames
+        # One window for the clip, unless its frames take more than a quarter of the limit: then windows of what
+        # fits, every band's caches kept between them
+        fit = clip.latent_frames if bands == 1 else max(
+            1, min(clip.latent_frames, (limit // 4 // clip.frame_bytes - 1) // clip.temporal + 1))
         places = [caches] if caches else (["device"] if fit >= clip.latent_frames else ["device", "host"])
         for place in places:
             for k in clip.chunks:
@@ -299,17 +297,12 @@ class Frames:
         out[:f, :h, :w].copy_(self.frames)
 
 
-def calls(latent_frames: int, chunk: int) -> list[int]:
-    """Latent frames per call: the first alone, then `chunk` at a time (the engine's schedule)."""
-    from .engine import schedule
-
-    return schedule(latent_frames, chunk)
-
-
 def stream(tail: Tail, x: torch.Tensor, p: Plan, *, width: int, temporal: int) -> Iterator[Frames]:
     """Decode `x` [1, C, T, h, w] (the head's input) in the bands of `p`; yield the frames of each call in order.
     `width`: output columns; `temporal`: frames per latent frame after the first."""
-    sizes = calls(x.shape[2], p.chunk)
+    from .engine import schedule  # (the engine's calls: the first alone, then `chunk` at a time)
+
+    sizes = schedule(x.shape[2], p.chunk)
     height = p.slabs[-1].rows[1] * p.patch
     states: list[list] | None = None
     start = 0

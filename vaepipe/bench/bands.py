@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 
 from .. import bands as banding
-from ..decode import to_uint8_frames
+from ..decode import decode_stream, to_uint8_frames
 from ..engine import Engine
 from ..errors import BadInput
 from ..families import DecodeSettings
 from ..progress import Reporter
 from ..runner import DecodeOptions, band_clip
 from ..vae import LoadedVae
+from . import decoders
 from .measure import seconds
 
 HOST_WINDOW = 4
@@ -96,7 +97,7 @@ def band_table(vae: LoadedVae, latents: torch.Tensor, counts: list[int], runs: i
         del want, untuned
         if diffusers == []:
             return rows
-        whole = torch.cat(list(_diffusers_pieces(vae, z)), dim=2)
+        whole = torch.cat(list(decode_stream(vae.model, z)), dim=2)
         to_uint8_frames(whole, out)
         want = out.clone()
         clip = band_clip(vae, tuple(z.shape), (h, w, 3), options, engine=False)
@@ -130,22 +131,12 @@ def band_table(vae: LoadedVae, latents: torch.Tensor, counts: list[int], runs: i
 
 
 def _truth(src: str, latents: torch.Tensor, vae: LoadedVae) -> torch.Tensor:
-    """uint8 frames of diffusers' fp32 decode with fp32 weights (the truth bf16 decoders are measured against)."""
-    from ..vae import load_vae
-
+    """uint8 frames of the decoders table's truth: diffusers' fp32 decode with fp32 weights."""
     with torch.inference_mode():
-        ref = load_vae(src, dtype=torch.float32, device=vae.device)
-        z, _ = ref.family.prepare(ref.model, latents, denormalize=True, settings=DecodeSettings())
-        video = torch.cat(list(_diffusers_pieces(ref, z)), dim=2)
+        video = decoders.fp32_truth(src, latents, vae)
         frames = torch.empty((video.shape[2], *video.shape[3:], 3), dtype=torch.uint8, device=video.device)
         to_uint8_frames(video, frames)
     return frames
-
-
-def _diffusers_pieces(vae: LoadedVae, z: torch.Tensor):
-    from ..decode import decode_stream
-
-    return decode_stream(vae.model, z)
 
 
 def _frames_against(got: torch.Tensor, want: torch.Tensor) -> dict:

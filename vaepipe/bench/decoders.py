@@ -46,7 +46,7 @@ def decoder_table(vae: LoadedVae, latents: torch.Tensor, src: str, runs: int, *,
         for name, why in skipped.items():
             reporter.log(f"decoders: {name} skipped ({why})")
         want = vae.family.decode(vae.model, z, **kwargs)
-        truth = _truth(src, latents, vae) if fidelity else None
+        truth = fp32_truth(src, latents, vae) if fidelity else None
         rows = {}
         for name, (run, video) in calls.items():
             rows[name] = row = _time(run, runs, vae.device)
@@ -159,7 +159,7 @@ def _time(call: Callable, runs: int, device: torch.device) -> dict:
             "min_s": round(min(times), 4), "max_s": round(max(times), 4), "peak_gib": peak}
 
 
-def _truth(src: str, latents: torch.Tensor, vae: LoadedVae) -> torch.Tensor:
+def fp32_truth(src: str, latents: torch.Tensor, vae: LoadedVae) -> torch.Tensor:
     """The fp32 decode with fp32 weights of the same latents: the reference both bf16 decoders are measured against."""
     ref = load_vae(src, dtype=torch.float32, device=vae.device)
     z, kwargs = ref.family.prepare(ref.model, latents, denormalize=True, settings=DecodeSettings())

@@ -557,13 +557,12 @@ class Decoder:
         for conv in self.convs() if tail else self.head_convs():
             conv.reset()
 
-    def setup_tail(self, heights: list[int], w: int, frames: int) -> list[tuple]:
+    def setup_tail(self, heights: list[int], w: int, frames: int) -> None:
         """Size the up blocks' and the last conv's windows and caches (zeroed) for a slab whose rows at each up
-        block's input are `heights` (bands, see vaepipe/bands.py); return that state for `load_tail`."""
+        block's input are `heights` (bands, see vaepipe/bands.py)."""
         for block, h in zip(self.up_blocks, heights, strict=True):
             h, w, frames = block.setup(h, w, frames)
         self.conv_out.setup(h, w, frames)
-        return self.tail_state()
 
     def tail_state(self) -> list[tuple]:
         """The tail's per-slab state: each conv's frame size and causal cache."""
